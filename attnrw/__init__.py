@@ -1,0 +1,65 @@
+"""attnrw: find the attention in unmodified PyTorch models and rewrite it.
+
+Public API (see DESIGN.md):
+
+* :func:`inspect` -- the attention sites of a model, and the candidates skipped with reasons;
+* :func:`rewrite` -- an offline rewrite into a ``torch.export.ExportedProgram``;
+* :func:`backend` -- a ``torch.compile`` backend (also ``backend="attnrw"`` with no import);
+* the policies :class:`Dense`, :class:`Sparse`, :class:`Merge`, :class:`Condense`, :class:`Auto`;
+* :mod:`attnrw.export` -- ONNX export (``attnrw.export.to_onnx``), imported on first use.
+
+``import attnrw`` imports neither triton nor onnx and starts no CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from attnrw import kernels as _kernels  # noqa: F401  (registers torch.ops.attnrw.*)
+from attnrw.config import Auto, Condense, Dense, Merge, Policy, Sparse, parse_options, policy_from_dict
+from attnrw.errors import (
+    AttnrwError,
+    ConfigError,
+    ImplementationUnavailableError,
+    ModelSpecError,
+    PlanError,
+    VerificationError,
+)
+from attnrw.patterns.site import AttentionSite, Skipped
+from attnrw.rewriter.api import inspect, rewrite
+from attnrw.rewriter.backend import backend
+from attnrw.rewriter.report import Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSite",
+    "AttnrwError",
+    "Auto",
+    "Condense",
+    "ConfigError",
+    "Dense",
+    "ImplementationUnavailableError",
+    "Merge",
+    "ModelSpecError",
+    "PlanError",
+    "Policy",
+    "Report",
+    "Skipped",
+    "Sparse",
+    "VerificationError",
+    "backend",
+    "export",
+    "inspect",
+    "parse_options",
+    "policy_from_dict",
+    "rewrite",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # attnrw.export pulls in onnx/onnxscript: load it only when asked for.
+    if name == "export":
+        return importlib.import_module("attnrw.export")
+    raise AttributeError(f"module 'attnrw' has no attribute {name!r}")

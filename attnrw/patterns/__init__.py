@@ -1,0 +1,1 @@
+"""Matchers: aten FX graph -> attention sites. They read graphs and never change them."""
