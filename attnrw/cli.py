@@ -1,0 +1,525 @@
+"""The ``attnrw`` command: inspect, rewrite and export the attention of a model.
+
+::
+
+    attnrw inspect MODEL [--json]
+    attnrw rewrite MODEL -o OUT.pt2 [--policy NAME] [policy flags] [--force] [--dynamic-seq]
+    attnrw export  MODEL -o OUT.onnx [--policy NAME] [policy flags] [--opset N] [--no-verify]
+                   [--force] [--dynamic-seq]
+
+MODEL is one of:
+
+* ``path/to/program.pt2``: a ``torch.export`` program, read with
+  ``torch.export.load`` (after ``import attnrw``, which registers the
+  ``torch.ops.attnrw.*`` ops it may call); its saved example inputs are used;
+* ``pkg.module:fn``: the module is imported (the current directory is
+  searched first, as with ``python -m``) and ``fn()`` is called; it returns
+  ``(model, args)`` or ``(model, args, kwargs)``. This runs that code;
+* ``hf:PATH``: a local Hugging Face model folder, loaded offline from its
+  safetensors weights only (a folder with only pickled weights is refused);
+  inputs are built from the config (``--batch``, ``--seq-len``).
+
+Errors a user can cause (a bad MODEL, a bad policy flag, an existing output
+without ``--force``) print one line on stderr and exit with status 2; a
+failure while exporting or rewriting exits with status 1 (``-v`` shows the
+traceback). Outputs are written to a temporary file in the output's folder
+and moved into place, so an interrupted run leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect as _inspect
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import attnrw
+from attnrw.errors import AttnrwError, ConfigError, ModelSpecError, VerificationError
+
+log = logging.getLogger("attnrw.cli")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+DEFAULT_BATCH = 1
+DEFAULT_SEQ_LEN = 128
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+#: CLI flag (argparse dest) -> policy field; only the flags given are passed on.
+POLICY_FLAGS: dict[str, str] = {
+    "window": "window",
+    "sinks": "sinks",
+    "topk": "topk",
+    "block_size": "block_size",
+    "recent": "recent",
+    "group": "group",
+    "ratio": "ratio",
+    "mode": "mode",
+    "budget": "budget",
+}
+
+
+class OutputPathError(AttnrwError, ValueError):
+    """The output path cannot be written: it exists (without ``--force``), is a folder, or its folder is missing."""
+
+
+@dataclass
+class LoadedModel:
+    """A model (or exported program) with the example inputs to trace it with."""
+
+    model: nn.Module | torch.export.ExportedProgram
+    args: tuple
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    spec: str = ""
+
+
+# --- MODEL forms ------------------------------------------------------------------------
+
+
+def load_model(spec: str, batch: int | None = None, seq_len: int | None = None) -> LoadedModel:
+    """Resolve a MODEL argument (``.pt2``, ``pkg.module:fn`` or ``hf:PATH``) into a model and inputs.
+
+    Raises :class:`ModelSpecError` with a message that says what to do when
+    the spec is malformed, the file or folder is missing, the import fails or
+    the factory returns something else than ``(model, args[, kwargs])``.
+    """
+    if spec.startswith("hf:"):
+        return _load_hf(spec, batch if batch is not None else DEFAULT_BATCH, seq_len or DEFAULT_SEQ_LEN)
+    if batch is not None or seq_len is not None:
+        raise ModelSpecError(
+            "--batch and --seq-len apply only to hf:PATH models; a .pt2 file or a factory brings its own inputs"
+        )
+    if spec.endswith(".pt2"):
+        return _load_pt2(spec)
+    if _FACTORY_RE.match(spec):
+        return _load_factory(spec)
+    hint = f"; for a Hugging Face folder write hf:{spec}" if Path(spec).is_dir() else ""
+    raise ModelSpecError(
+        f"cannot use MODEL {spec!r}: give a torch.export file (NAME.pt2), a factory (pkg.module:fn) "
+        f"or a local Hugging Face folder (hf:PATH){hint}"
+    )
+
+
+def _load_pt2(spec: str) -> LoadedModel:
+    path = Path(spec)
+    if not path.is_file():
+        raise ModelSpecError(f"no such .pt2 file: {spec!r}")
+    try:
+        program = torch.export.load(path)
+    except Exception as e:  # torch raises many types for a bad archive
+        raise ModelSpecError(f"cannot read {spec!r} with torch.export.load: {type(e).__name__}: {e}") from e
+    example = getattr(program, "example_inputs", None)
+    if example is None:
+        raise ModelSpecError(
+            f"{spec!r} holds no example inputs; save it from a program exported with example "
+            "inputs, or pass a factory (pkg.module:fn) instead"
+        )
+    args, kwargs = example
+    return LoadedModel(program, tuple(args), dict(kwargs), spec)
+
+
+@contextlib.contextmanager
+def _cwd_on_path() -> Iterator[None]:
+    """Put the current directory first on ``sys.path`` for the import, as ``python -m`` does."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def _load_factory(spec: str) -> LoadedModel:
+    module_name, fn_name = spec.split(":")
+    with _cwd_on_path():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise ModelSpecError(
+                f"cannot import {module_name!r} for MODEL {spec!r}: {type(e).__name__}: {e} "
+                "(run from the folder that holds the package, or install it)"
+            ) from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelSpecError(f"module {module_name!r} has no callable {fn_name!r} (MODEL {spec!r})")
+    try:
+        result = fn()
+    except Exception as e:
+        raise ModelSpecError(f"factory {spec!r} raised {type(e).__name__}: {e}") from e
+    return _check_factory_result(spec, result)
+
+
+def _check_factory_result(spec: str, result: Any) -> LoadedModel:
+    shape = "(model, args) or (model, args, kwargs)"
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
+        raise ModelSpecError(f"factory {spec!r} must return {shape}, got {type(result).__name__}")
+    model, args = result[0], result[1]
+    kwargs = result[2] if len(result) == 3 else {}
+    if not isinstance(model, (nn.Module, torch.export.ExportedProgram)):
+        raise ModelSpecError(f"factory {spec!r} returned {type(model).__name__} as the model; expected an nn.Module")
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    if not isinstance(args, (tuple, list)):
+        raise ModelSpecError(f"factory {spec!r}: args must be a tuple, got {type(args).__name__}")
+    if not isinstance(kwargs, dict):
+        raise ModelSpecError(f"factory {spec!r}: kwargs must be a dict, got {type(kwargs).__name__}")
+    return LoadedModel(model, tuple(args), dict(kwargs), spec)
+
+
+def _load_hf(spec: str, batch: int, seq_len: int) -> LoadedModel:
+    folder = Path(spec[len("hf:") :])
+    if not str(folder):
+        raise ModelSpecError("hf: needs a folder: hf:PATH")
+    if not folder.is_dir():
+        raise ModelSpecError(f"no such Hugging Face model folder: {str(folder)!r} (nothing is downloaded)")
+    if not (folder / "config.json").is_file():
+        raise ModelSpecError(f"{str(folder)!r} has no config.json; point hf: at a saved model folder")
+    if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").is_file():
+        raise ModelSpecError(
+            f"{str(folder)!r} has no safetensors weights; attnrw loads only safetensors (pickled "
+            "weights can run code). Convert them, e.g. model.save_pretrained(folder, safe_serialization=True)"
+        )
+    if batch < 1 or seq_len < 1:
+        raise ModelSpecError(f"--batch and --seq-len must be >= 1, got {batch} and {seq_len}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelSpecError("hf: models need transformers: pip install 'attnrw[demo]'") from e
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        model = transformers.AutoModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    except Exception as e:
+        raise ModelSpecError(f"cannot load {spec!r} with transformers: {type(e).__name__}: {e}") from e
+    model.eval()
+    kwargs = hf_inputs(model, config, batch, seq_len)
+    return LoadedModel(model, (), kwargs, spec)
+
+
+def hf_inputs(model: nn.Module, config: Any, batch: int, seq_len: int) -> dict[str, Any]:
+    """Example inputs for a ``transformers`` model built from its config.
+
+    Vision configs (those with ``image_size``) get ``pixel_values`` of the
+    configured size; text configs get ``input_ids`` and an all-ones
+    ``attention_mask`` of ``(batch, seq_len)``, ``decoder_input_ids`` for
+    encoder-decoders, and ``use_cache=False`` where the model takes it
+    (``torch.export`` cannot flatten cache objects).
+    """
+    gen = torch.Generator().manual_seed(0)
+    params = _inspect.signature(model.forward).parameters
+    vision = getattr(config, "vision_config", None) or config
+    image_size = getattr(vision, "image_size", None)
+    if image_size is not None and "pixel_values" in params:
+        size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+        channels = getattr(vision, "num_channels", 3)
+        return {"pixel_values": torch.randn(batch, channels, *size, generator=gen)}
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None or "input_ids" not in params:
+        raise ModelSpecError(
+            f"cannot build inputs for {type(model).__name__}: its config is neither a text model "
+            "(vocab_size) nor a vision model (image_size); write a factory (pkg.module:fn) instead"
+        )
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and seq_len > max_pos:
+        raise ModelSpecError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if "attention_mask" in params:
+        kwargs["attention_mask"] = torch.ones(batch, seq_len, dtype=torch.long)
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        kwargs["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    if "use_cache" in params:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+# --- dynamic sequence length ------------------------------------------------------------
+
+
+def dynamic_seq_shapes(model: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``dynamic_shapes`` for ``torch.export`` marking the sequence axis of each input dynamic.
+
+    The sequence axis is taken to be axis 1 of every tensor input of rank >= 2
+    (batch-first inputs, as Hugging Face text models take), plus axis 0 of a
+    square 2-D tensor (an ``(S, S)`` mask). Each is marked ``Dim.AUTO``:
+    ``torch.export`` keeps it dynamic where the model allows and static where
+    the model needs it to be, and never returns a program that is wrong for
+    another length. The result is keyed by the parameter names of ``forward``.
+    """
+    forward = model.module().forward if isinstance(model, torch.export.ExportedProgram) else model.forward
+    sig = _inspect.signature(forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise ModelSpecError(f"the example inputs do not fit the model's forward{sig}: {e}") from e
+
+    def spec(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor) or v.dim() < 2:
+            return None
+        axes = {1: torch.export.Dim.AUTO}
+        if v.dim() == 2 and v.shape[0] == v.shape[1]:
+            axes[0] = torch.export.Dim.AUTO
+        return axes
+
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is _inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: spec(v) for k, v in value.items()}
+        elif kind is _inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(spec(v) for v in value)
+        else:
+            out[name] = spec(value)
+    return out
+
+
+def _dynamic_inputs(program: torch.export.ExportedProgram) -> list[str]:
+    """Names of the user inputs of ``program`` that have a symbolic size."""
+    names = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind != torch.export.graph_signature.InputKind.USER_INPUT:
+            continue
+        node = next((n for n in program.graph.nodes if n.name == spec.arg.name), None)
+        val = node.meta.get("val") if node is not None else None
+        if isinstance(val, torch.Tensor) and any(not isinstance(s, int) for s in val.shape):
+            names.append(node.name)
+    return names
+
+
+# --- policy flags -----------------------------------------------------------------------
+
+
+def policy_from_args(ns: argparse.Namespace) -> attnrw.Policy:
+    """The policy named by ``--policy`` with the policy flags that were given (``ConfigError`` if bad)."""
+    flags = {field_: getattr(ns, dest) for dest, field_ in POLICY_FLAGS.items() if getattr(ns, dest, None) is not None}
+    return attnrw.policy_from_dict({"policy": ns.policy, **flags})
+
+
+# --- atomic output ----------------------------------------------------------------------
+
+
+def _check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise OutputPathError(f"{str(path)!r} exists; pass --force to overwrite it")
+    if path.exists() and path.is_dir():
+        raise OutputPathError(f"{str(path)!r} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"the output folder {str(path.parent)!r} does not exist; create it first")
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` with a fresh folder ``tmp`` beside ``path``, then move what it wrote into place.
+
+    ``write`` must create ``tmp / path.name``; other files it leaves in
+    ``tmp`` (e.g. ONNX external data, named after the model file) are moved
+    beside ``path`` first, so the main file appears last and whole.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        main_file = tmp / path.name
+        if not main_file.is_file():
+            raise RuntimeError(f"the writer did not create {main_file.name!r}")
+        for extra in sorted(tmp.iterdir()):
+            if extra != main_file:
+                os.replace(extra, path.parent / extra.name)
+        os.replace(main_file, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def _load(ns: argparse.Namespace) -> LoadedModel:
+    log.info("loading %s", ns.model)
+    return load_model(ns.model, getattr(ns, "batch", None), getattr(ns, "seq_len", None))
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    """``attnrw inspect MODEL``: print the attention sites found and the candidates skipped."""
+    loaded = _load(ns)
+    report = attnrw.inspect(loaded.model, loaded.args, loaded.kwargs)
+    if ns.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(report)
+    return EXIT_OK
+
+
+def cmd_rewrite(ns: argparse.Namespace) -> int:
+    """``attnrw rewrite MODEL -o OUT.pt2``: rewrite the attention sites and save the program."""
+    out = Path(ns.output)
+    _check_output(out, ns.force)
+    policy = policy_from_args(ns)
+    loaded = _load(ns)
+    dynamic = dynamic_seq_shapes(loaded.model, loaded.args, loaded.kwargs) if ns.dynamic_seq else None
+    program = attnrw.rewrite(loaded.model, loaded.args, loaded.kwargs, policy=policy, dynamic_shapes=dynamic)
+    if ns.dynamic_seq and not _dynamic_inputs(program):
+        log.warning("--dynamic-seq: torch.export kept every input size static (no sequence axis could vary)")
+    write_atomically(out, lambda tmp: torch.export.save(program, tmp / out.name))
+    ops = sum(
+        1
+        for n in program.graph.nodes
+        if n.op == "call_function" and getattr(n.target, "namespace", None) == "attnrw"
+    )
+    print(f"wrote {out}: {ops} call(s) to torch.ops.attnrw.* (policy {policy.name})")
+    return EXIT_OK
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    """``attnrw export MODEL -o OUT.onnx``: rewrite and export to ONNX (verified in onnxruntime)."""
+    out = Path(ns.output)
+    _check_output(out, ns.force)
+    policy = policy_from_args(ns)
+    loaded = _load(ns)
+    try:
+        from attnrw.export import to_onnx
+    except ImportError as e:
+        raise ModelSpecError(f"ONNX export needs the onnx extras: pip install 'attnrw[onnx]' ({e})") from e
+    extra: dict[str, Any] = {} if ns.opset is None else {"opset": ns.opset}
+
+    def write(tmp: Path) -> None:
+        to_onnx(
+            loaded.model, loaded.args, tmp / out.name, kwargs=loaded.kwargs, policy=policy,
+            dynamic_seq=ns.dynamic_seq, verify=not ns.no_verify, force=ns.force, **extra,
+        )
+
+    write_atomically(out, write)
+    verified = "not verified" if ns.no_verify else "verified in onnxruntime"
+    print(f"wrote {out} (policy {policy.name}, {verified})")
+    return EXIT_OK
+
+
+# --- argument parsing -------------------------------------------------------------------
+
+
+def _add_model(p: argparse.ArgumentParser, inputs: bool = True) -> None:
+    p.add_argument("model", metavar="MODEL", help="NAME.pt2, pkg.module:fn, or hf:PATH")
+    if inputs:
+        g = p.add_argument_group("inputs of hf:PATH models")
+        g.add_argument("--batch", type=int, default=None, help=f"batch size (default {DEFAULT_BATCH})")
+        g.add_argument("--seq-len", type=int, default=None, help=f"sequence length (default {DEFAULT_SEQ_LEN})")
+
+
+def _add_policy(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy (flags that the policy does not take are an error)")
+    g.add_argument("--policy", default="dense", help="dense, sparse, condense, merge or auto (default dense)")
+    g.add_argument("--window", type=int, help="sparse: keys each query sees around it")
+    g.add_argument("--sinks", type=int, help="sparse, condense: first tokens every query sees")
+    g.add_argument("--topk", type=int, help="sparse: extra key blocks per query block")
+    g.add_argument("--block-size", type=int, help="sparse, condense: block size of the chunked kernels")
+    g.add_argument("--recent", type=int, help="condense: recent tokens kept exact")
+    g.add_argument("--group", type=int, help="condense: older tokens per summary")
+    g.add_argument("--ratio", type=float, help="merge: fraction of tokens merged away, in [0, 1)")
+    g.add_argument("--mode", help="merge: kv, qkv or tokens")
+    g.add_argument("--budget", type=float, help="auto: error budget (relative L2 of the output)")
+
+
+def _add_output(p: argparse.ArgumentParser, suffix: str) -> None:
+    p.add_argument("-o", "--output", required=True, metavar=f"OUT{suffix}", help="file to write")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument(
+        "--dynamic-seq", action="store_true",
+        help="keep the sequence length dynamic (axis 1 of batch-first inputs) where the model allows",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``attnrw`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="attnrw",
+        description="Find the attention in a PyTorch model and rewrite it.",
+        epilog="MODEL: NAME.pt2 (read by torch.export.load), pkg.module:fn (runs that code; returns "
+        "(model, args[, kwargs])), or hf:PATH (a local Hugging Face folder; safetensors weights only).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"attnrw {attnrw.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("inspect", help="list the attention sites found, and why other candidates were not")
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("rewrite", help="rewrite the attention sites and save a torch.export program")
+    _add_model(p)
+    _add_output(p, ".pt2")
+    _add_policy(p)
+    p.set_defaults(func=cmd_rewrite)
+
+    p = sub.add_parser("export", help="rewrite and export to ONNX, verified in onnxruntime")
+    _add_model(p)
+    _add_output(p, ".onnx")
+    _add_policy(p)
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: attnrw's choice)")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison against PyTorch")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    root = logging.getLogger("attnrw")
+    if not any(getattr(h, "_attnrw_cli", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("attnrw: %(levelname)s: %(message)s"))
+        handler._attnrw_cli = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``attnrw`` command with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed)
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    _setup_logging(ns.verbose)
+    try:
+        return ns.func(ns)
+    except VerificationError as e:
+        print(f"attnrw: verification failed: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    except (AttnrwError, ConfigError) as e:
+        print(f"attnrw: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("attnrw: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if ns.verbose:
+            log.exception("%s failed", ns.command)
+        print(
+            f"attnrw: {ns.command} failed: {type(e).__name__}: {_one_line(e)} (run with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

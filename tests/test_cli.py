@@ -1,0 +1,278 @@
+"""Tests of the ``attnrw`` command: argument handling, MODEL forms, errors, atomic output.
+
+Most tests call :func:`attnrw.cli.main` in-process; one runs the installed
+console script in a subprocess.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnrw import cli
+from attnrw.errors import ModelSpecError
+from tests.zoo import ZOO
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(code: int, err: str, *needles: str) -> None:
+    """Exit status 2 and one line on stderr that holds every needle."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def factory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder (the current directory) holding a module ``clifactories`` of good and bad factories."""
+    (tmp_path / "clifactories.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            def good():
+                return torch.nn.Linear(4, 4), (torch.randn(2, 4),)
+
+            def not_a_tuple():
+                return torch.nn.Linear(4, 4)
+
+            def not_a_model():
+                return "model", (torch.randn(2, 4),)
+
+            def raises():
+                raise RuntimeError("boom")
+            """
+        )
+    )
+    (tmp_path / "clibroken.py").write_text("import no_such_module_attnrw_test\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# --- argument handling and errors -------------------------------------------------------
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys)
+    assert code == 2 and "usage:" in err
+
+
+def test_help_and_version_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(capsys, "--help")[0] == 0
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and "attnrw" in out
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("nonsense", "cannot use MODEL"),
+        ("pkg.mod:fn:extra", "cannot use MODEL"),
+        ("missing_file.pt2", "no such .pt2 file"),
+        ("no_such_pkg_attnrw.mod:fn", "cannot import 'no_such_pkg_attnrw.mod'"),
+        ("hf:/no/such/folder", "no such Hugging Face model folder"),
+    ],
+)
+def test_bad_model_spec(capsys: pytest.CaptureFixture[str], spec: str, needle: str) -> None:
+    assert_usage_error(*run_cli(capsys, "inspect", spec)[::2], needle)
+
+
+def test_folder_without_hf_prefix_gets_a_hint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert_usage_error(*run_cli(capsys, "inspect", str(tmp_path))[::2], f"hf:{tmp_path}")
+
+
+@pytest.mark.parametrize(
+    "fn, needle",
+    [
+        ("missing", "has no callable 'missing'"),
+        ("not_a_tuple", "must return (model, args)"),
+        ("not_a_model", "expected an nn.Module"),
+        ("raises", "raised RuntimeError: boom"),
+    ],
+)
+def test_bad_factory(capsys: pytest.CaptureFixture[str], factory_dir: Path, fn: str, needle: str) -> None:
+    assert_usage_error(*run_cli(capsys, "inspect", f"clifactories:{fn}")[::2], needle)
+
+
+def test_factory_import_error(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
+    assert_usage_error(*run_cli(capsys, "inspect", "clibroken:fn")[::2], "ModuleNotFoundError")
+
+
+def test_batch_only_for_hf(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
+    assert_usage_error(*run_cli(capsys, "inspect", "clifactories:good", "--batch", "2")[::2], "hf:PATH")
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--policy", "nosuch"], "unknown policy 'nosuch'"),
+        (["--policy", "sparse"], "window"),
+        (["--policy", "sparse", "--window", "0"], "Sparse.window"),
+        (["--policy", "dense", "--window", "8"], "unknown option(s) 'window'"),
+        (["--policy", "merge", "--ratio", "1.5"], "Merge.ratio"),
+        (["--policy", "merge", "--ratio", "0.5", "--mode", "bad"], "Merge.mode"),
+    ],
+)
+def test_bad_policy_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], needle: str) -> None:
+    code, _, err = run_cli(capsys, "rewrite", "clifactories:good", "-o", str(tmp_path / "o.pt2"), *flags)
+    assert_usage_error(code, err, needle)
+
+
+def test_policy_flags_parse() -> None:
+    ns = cli.build_parser().parse_args(
+        ["rewrite", "m.pt2", "-o", "x.pt2", "--policy", "sparse", "--window", "16", "--sinks", "2", "--block-size", "8"]
+    )
+    d = cli.policy_from_args(ns).to_dict()
+    assert (d["policy"], d["window"], d["sinks"], d["block_size"], d["topk"]) == ("sparse", 16, 2, 8, 0)
+    assert cli.policy_from_args(cli.build_parser().parse_args(["rewrite", "m.pt2", "-o", "x"])).name == "dense"
+
+
+def test_existing_output_needs_force(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
+    out = factory_dir / "out.pt2"
+    out.write_bytes(b"keep me")
+    code, _, err = run_cli(capsys, "rewrite", "clifactories:good", "-o", str(out))
+    assert_usage_error(code, err, "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+
+
+def test_missing_output_folder(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
+    code, _, err = run_cli(capsys, "rewrite", "clifactories:good", "-o", str(factory_dir / "nodir" / "o.pt2"))
+    assert_usage_error(code, err, "does not exist")
+
+
+def test_export_existing_output_needs_force(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
+    out = factory_dir / "m.onnx"
+    out.write_bytes(b"keep me")
+    assert_usage_error(*run_cli(capsys, "export", "clifactories:good", "-o", str(out))[::2], "--force")
+
+
+# --- MODEL forms ------------------------------------------------------------------------
+
+
+def test_load_factory_from_zoo() -> None:
+    loaded = cli.load_model("tests.zoo:bert_eager")
+    assert isinstance(loaded.model, torch.nn.Module) and loaded.args == ()
+    assert set(loaded.kwargs) == {"input_ids", "attention_mask"}
+
+
+def test_load_factory_two_tuple(factory_dir: Path) -> None:
+    loaded = cli.load_model("clifactories:good")
+    assert loaded.kwargs == {} and loaded.args[0].shape == (2, 4)
+    assert str(factory_dir) not in sys.path, "the current directory is put on sys.path only for the import"
+
+
+def test_load_pt2(tmp_path: Path) -> None:
+    x = torch.randn(3, 4)
+    ep = torch.export.export(torch.nn.Linear(4, 2), (x,))
+    torch.export.save(ep, tmp_path / "lin.pt2")
+    loaded = cli.load_model(str(tmp_path / "lin.pt2"))
+    assert isinstance(loaded.model, torch.export.ExportedProgram)
+    torch.testing.assert_close(loaded.args[0], x)
+
+
+def test_load_bad_pt2(tmp_path: Path) -> None:
+    (tmp_path / "bad.pt2").write_bytes(b"not a zip")
+    with pytest.raises(ModelSpecError, match="torch.export.load"):
+        cli.load_model(str(tmp_path / "bad.pt2"))
+
+
+def _save_hf(name: str, folder: Path, safetensors: bool = True) -> None:
+    model, _, _ = ZOO[name]()
+    if safetensors:
+        model.save_pretrained(folder)
+    else:  # transformers 5 always writes safetensors: write a pickled checkpoint by hand
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+
+def test_hf_text_inputs(tmp_path: Path) -> None:
+    _save_hf("bert_sdpa", tmp_path)
+    loaded = cli.load_model(f"hf:{tmp_path}", batch=3, seq_len=10)
+    assert loaded.kwargs["input_ids"].shape == (3, 10)
+    assert loaded.kwargs["attention_mask"].shape == (3, 10)
+    loaded.model(**loaded.kwargs)
+
+
+def test_hf_encoder_decoder_inputs(tmp_path: Path) -> None:
+    _save_hf("bart_eager", tmp_path)
+    loaded = cli.load_model(f"hf:{tmp_path}", seq_len=6)
+    assert loaded.kwargs["decoder_input_ids"].shape == (1, 6) and loaded.kwargs["use_cache"] is False
+
+
+def test_hf_vision_inputs(tmp_path: Path) -> None:
+    _save_hf("vit_eager", tmp_path)
+    loaded = cli.load_model(f"hf:{tmp_path}", batch=2)
+    assert loaded.kwargs["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_hf_seq_len_beyond_positions(tmp_path: Path) -> None:
+    _save_hf("bert_eager", tmp_path)
+    with pytest.raises(ModelSpecError, match="max_position_embeddings"):
+        cli.load_model(f"hf:{tmp_path}", seq_len=1000)
+
+
+def test_hf_refuses_pickled_weights(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    _save_hf("bert_eager", tmp_path, safetensors=False)
+    assert not list(tmp_path.glob("*.safetensors"))
+    assert_usage_error(*run_cli(capsys, "inspect", f"hf:{tmp_path}")[::2], "no safetensors weights")
+
+
+# --- dynamic sequence axis and atomic writes ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["bert_eager", "nn_transformer_decoder"])
+def test_dynamic_seq_shapes_export(name: str) -> None:
+    model, args, kwargs = ZOO[name]()
+    shapes = cli.dynamic_seq_shapes(model, args, kwargs)
+    ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
+    assert cli._dynamic_inputs(ep), "the sequence axis should stay dynamic"
+
+
+def test_write_atomically_moves_into_place(tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+
+    def write(tmp: Path) -> None:
+        (tmp / "m.onnx.data").write_bytes(b"weights")
+        (tmp / "m.onnx").write_bytes(b"graph")
+
+    cli.write_atomically(out, write)
+    assert out.read_bytes() == b"graph" and (tmp_path / "m.onnx.data").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_write_atomically_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    out = tmp_path / "m.pt2"
+
+    def write(tmp: Path) -> None:
+        (tmp / "m.pt2").write_bytes(b"half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        cli.write_atomically(out, write)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the console script -----------------------------------------------------------------
+
+
+def test_console_script_smoke(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("attnrw")
+    if not script.exists():
+        pytest.skip("the attnrw console script is not installed (pip install -e .)")
+    bad = subprocess.run(
+        [str(script), "inspect", "nonsense"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "cannot use MODEL" in bad.stderr
