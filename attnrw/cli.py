@@ -39,6 +39,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,6 +486,10 @@ def _setup_logging(verbosity: int) -> None:
         handler._attnrw_cli = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG)
+    if verbosity == 0:
+        # torch's pytree deprecation, raised from inside torch.export on every HF model output:
+        # nothing a user of the command can act on.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _one_line(e: BaseException) -> str:

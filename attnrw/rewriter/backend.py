@@ -1,14 +1,86 @@
-"""The torch.compile backend."""
+"""The ``torch.compile`` backend: trace to aten, rewrite the attention, hand the graph on.
+
+``torch.compile(model, backend="attnrw", options={...})`` reaches
+:func:`entry_point_backend` through the ``torch_dynamo_backends`` entry
+point; :func:`backend` builds one from a policy object.
+"""
+
 from __future__ import annotations
 
-from typing import Any, Callable
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from attnrw.config import PolicySpec
+import torch
+from torch.fx import GraphModule
+
+from attnrw.config import BackendSettings, PolicySpec, check_policy_spec, parse_options
+from attnrw.rewriter.replace import run_passes
+from attnrw.rewriter.report import Report
+from attnrw.rewriter.trace import compile_context, trace_to_aten
+
+log = logging.getLogger("attnrw")
 
 
-def backend(policy: PolicySpec, on_report: Callable | None = None) -> Callable:
-    raise NotImplementedError("being written")
+class AttnrwBackend:
+    """A ``torch.compile`` backend that rewrites attention sites under a policy spec.
+
+    Each compiled graph logs a one-line summary to the ``attnrw`` logger and,
+    when ``on_report`` is given, hands it the graph's :class:`Report`.
+    """
+
+    def __init__(
+        self,
+        policy: PolicySpec,
+        on_report: Callable[[Report], None] | None = None,
+        settings: BackendSettings = BackendSettings(),
+    ) -> None:
+        check_policy_spec(policy)
+        self.policy = policy
+        self.on_report = on_report
+        self.settings = settings
+        self._graphs = 0
+
+    def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        self._graphs += 1
+        agm = trace_to_aten(gm, example_inputs)
+        ctx = compile_context(agm, gm, example_inputs)
+        report = run_passes(agm, self.policy, ctx, name=f"graph {self._graphs}")
+        log.info("attnrw: %s", report.summary())
+        if self.on_report is not None:
+            self.on_report(report)
+        if self.settings.inner == "eager":
+            return agm
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(agm, list(example_inputs))
 
 
-def entry_point_backend(gm: Any, example_inputs: Any, options: dict | None = None) -> Callable:
-    raise NotImplementedError("being written")
+def backend(
+    policy: PolicySpec | None = None,
+    on_report: Callable[[Report], None] | None = None,
+    *,
+    inner: str = "inductor",
+) -> AttnrwBackend:
+    """A ``torch.compile`` backend rewriting attention under ``policy`` (default ``Dense()``).
+
+    ``inner`` compiles the rewritten graph: ``"inductor"`` or ``"eager"``.
+    """
+    from attnrw.config import Dense
+
+    return AttnrwBackend(policy if policy is not None else Dense(), on_report, BackendSettings(inner=inner))
+
+
+def entry_point_backend(
+    gm: GraphModule, example_inputs: Sequence[Any], options: Mapping[str, Any] | None = None
+) -> Callable[..., Any]:
+    """``backend="attnrw"``: ``options`` parsed into a policy (unknown keys are an error)."""
+    on_report = None
+    opts = dict(options or {})
+    if "on_report" in opts:
+        on_report = opts.pop("on_report")
+    policy, settings = parse_options(opts)
+    return AttnrwBackend(policy, on_report, settings)(gm, example_inputs)
+
+
+__all__ = ["AttnrwBackend", "backend", "entry_point_backend"]

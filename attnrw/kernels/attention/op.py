@@ -21,13 +21,27 @@ def attention(
     is_causal: bool,
     scale: float,
 ) -> torch.Tensor:
-    """Exact attention. q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> (B, H, Sq, Dv)."""
-    return dense_attention(q, k, v, attn_mask, is_causal, scale).contiguous()
+    """Exact attention. q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> (B, H, Sq, Dv).
+
+    The output is laid out in memory as (B, Sq, H, Dv), as SDPA returns it,
+    so the usual ``transpose(1, 2)`` that follows is contiguous.
+    """
+    return sdpa_layout(dense_attention(q, k, v, attn_mask, is_causal, scale))
+
+
+def sdpa_layout(out: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) values in (B, S, H, D) memory order; free when already so."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def empty_sdpa_layout(q: torch.Tensor, v_dim: int) -> torch.Tensor:
+    b, h, s, _ = q.shape
+    return q.new_empty((b, s, h, v_dim)).transpose(1, 2)
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, attn_mask, is_causal, scale):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return empty_sdpa_layout(q, v.shape[-1])
 
 
 @torch.library.custom_op("attnrw::attention_backward", mutates_args=())

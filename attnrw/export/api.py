@@ -1,0 +1,298 @@
+"""``to_onnx``: rewrite (or take) a ``torch.export`` program, translate it to ONNX, verify, write atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from attnrw.config import Dense, PolicySpec
+from attnrw.errors import AttnrwError, ConfigError
+from attnrw.export.dense import dense_translation
+from attnrw.export.sparse import check_exportable, sparse_translation
+from attnrw.export.verify import verify_file
+
+logger = logging.getLogger("attnrw.export")
+
+#: Opsets ``to_onnx`` writes. 18 is the oldest the PyTorch exporter targets;
+#: 25 the newest onnxruntime 1.32 runs (at 26 it has no ``Attention``).
+MIN_OPSET = 18
+MAX_OPSET = 25
+DEFAULT_OPSET = 23
+
+
+class OutputExistsError(AttnrwError, FileExistsError):
+    """The output file exists and ``force=True`` was not given."""
+
+
+def supported_opsets() -> range:
+    """The opsets :func:`to_onnx` accepts, bounded by what the installed ``onnx`` knows."""
+    import onnx
+
+    return range(MIN_OPSET, min(MAX_OPSET, onnx.defs.onnx_opset_version()) + 1)
+
+
+def check_opset(opset: Any) -> int:
+    """The opset to use; ``ConfigError`` naming the supported range otherwise."""
+    if opset is None:
+        return DEFAULT_OPSET
+    ok = supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in ok:
+        raise ConfigError(
+            f"opset must be an int in [{ok.start}, {ok.stop - 1}], got {opset!r}; "
+            f"use {DEFAULT_OPSET} (the default) for the native Attention kernel of onnxruntime"
+        )
+    return opset
+
+
+def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
+    """``custom_translation_table`` for ``torch.onnx.export``: every attnrw op with an ONNX form."""
+    ops = torch.ops.attnrw
+    table: dict[Any, Callable[..., Any]] = {ops.attention.default: dense_translation(opset)}
+    # The sparse op lives in another kernel package; export what is registered.
+    if hasattr(ops, "sparse_attention"):
+        table[ops.sparse_attention.default] = sparse_translation(opset)
+    return table
+
+
+def check_translatable(program: torch.export.ExportedProgram, table: Mapping[Any, Any]) -> None:
+    """Fail before exporting, with a ``ConfigError`` that says what to do, on attnrw ops ONNX cannot hold."""
+    for node in program.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.namespace != "attnrw":
+            continue
+        if target not in table:
+            raise ConfigError(
+                f"torch.ops.attnrw.{target.__name__} (at {node.name}) has no ONNX translation; ONNX export "
+                "supports the Dense and Sparse(topk=0) policies. Rewrite with one of those for export."
+            )
+        if target.name() == "attnrw::sparse_attention":
+            topk = node.args[8] if len(node.args) > 8 else node.kwargs.get("topk", 0)
+            check_exportable(int(topk))
+
+
+def seq_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> Any:
+    """``dynamic_shapes`` that make the sequence axis dynamic.
+
+    Rule: the sequence length ``S`` is dim 1 of the first tensor of rank >= 2
+    among the inputs (args, then kwargs, flattened in order); every tensor
+    input of rank >= 2 whose dim 1 equals ``S`` has its dim 1 marked dynamic
+    (``Dim.DYNAMIC``: export infers the range, e.g. a position table's limit,
+    and fails loudly rather than specialise). This covers ``input_ids``,
+    ``attention_mask``, ``token_type_ids``, ``position_ids`` (B, S) and
+    hidden states (B, S, E). Pick an example ``S`` >= 2 that no other input has
+    at dim 1 (e.g. not 3 beside images of 3 channels); give ``dynamic_shapes=``
+    explicitly for any other layout.
+    """
+    kwargs = kwargs or {}
+    leaves = [x for x in pytree.tree_leaves((tuple(args), kwargs)) if isinstance(x, torch.Tensor) and x.dim() >= 2]
+    if not leaves:
+        raise ConfigError("dynamic_seq=True needs a tensor input of rank >= 2 whose dim 1 is the sequence")
+    seq = int(leaves[0].shape[1])
+    if seq < 2:
+        raise ConfigError(
+            f"dynamic_seq=True needs example inputs with a sequence length >= 2 (got {seq}): "
+            "torch.export specialises dimensions of size 0 and 1"
+        )
+
+    def mark(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and int(x.shape[1]) == seq:
+            return {1: torch.export.Dim.DYNAMIC}
+        return None
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        if kwargs:
+            raise ConfigError(
+                "dynamic_seq=True could not match the inputs to the model's forward signature; "
+                "pass dynamic_shapes= explicitly"
+            ) from None
+        return tuple(pytree.tree_map(mark, a) for a in args)
+    return {name: pytree.tree_map(mark, value) for name, value in bound.items()}
+
+
+def _has_symbolic_inputs(program: torch.export.ExportedProgram) -> bool:
+    for node in program.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape):
+            return True
+    return False
+
+
+def _unwrap_attnrw_error(exc: BaseException) -> AttnrwError | None:
+    """The attnrw error a translation raised, if the exporter wrapped one in its own errors."""
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, AttnrwError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def export_program(
+    program: torch.export.ExportedProgram,
+    args: tuple,
+    kwargs: dict | None,
+    opset: int,
+) -> Any:
+    """``torch.onnx.export`` of a program with attnrw's translations; returns the ``ONNXProgram``."""
+    table = translation_table(opset)
+    check_translatable(program, table)
+    # The exporter reports progress with print(); the library never prints, so it goes to the log.
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            onnx_program = torch.onnx.export(
+                program,
+                tuple(args),
+                kwargs=kwargs,
+                dynamo=True,
+                opset_version=opset,
+                custom_translation_table=table,
+                verbose=False,
+            )
+    except Exception as e:
+        inner = _unwrap_attnrw_error(e)
+        if inner is not None:
+            raise inner from e
+        raise
+    finally:
+        if chatter.getvalue():
+            logger.debug("torch.onnx.export: %s", chatter.getvalue().strip())
+    if onnx_program is None:  # only for the legacy exporter; kept for the type checker
+        raise RuntimeError("torch.onnx.export returned no program")
+    return onnx_program
+
+
+def _check_destination(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise OutputExistsError(f"{path} is a directory; give a file path such as {path / 'model.onnx'}")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass force=True to overwrite it, or choose another path")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the output directory {path.parent} does not exist; create it first")
+
+
+def _publish(staging: Path, path: Path, force: bool) -> None:
+    """Move the staged files (the model and any external data) next to ``path``, the model last.
+
+    The model goes last so that no reader finds a model whose data file is
+    missing; each move is an ``os.replace`` within one directory (atomic).
+    """
+    files = sorted(p for p in staging.iterdir() if p.name != path.name) + [staging / path.name]
+    targets = [path.parent / p.name for p in files]
+    if not force:
+        taken = [t for t in targets if t.exists()]
+        if taken:
+            raise OutputExistsError(f"{', '.join(map(str, taken))} exist(s); pass force=True to overwrite")
+    moved: list[Path] = []
+    try:
+        for src, dst in zip(files, targets):
+            os.replace(src, dst)
+            moved.append(dst)
+    except BaseException:
+        for dst in moved:  # a half-published model is worse than none
+            dst.unlink(missing_ok=True)
+        raise
+
+
+def to_onnx(
+    model_or_program: torch.nn.Module | torch.export.ExportedProgram,
+    args: tuple,
+    path: str | os.PathLike,
+    kwargs: dict | None = None,
+    policy: PolicySpec = Dense(),
+    opset: int | None = None,
+    dynamic_seq: bool = False,
+    verify: bool = True,
+    *,
+    force: bool = False,
+    dynamic_shapes: Any = None,
+    atol: float | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Write an ONNX file that onnxruntime runs, with attnrw's rewrites as standard operators.
+
+    Args:
+        model_or_program: an ``nn.Module`` (rewritten with :func:`attnrw.rewrite`
+            under ``policy``) or a ``torch.export.ExportedProgram`` (e.g. what
+            ``rewrite`` returned), exported as is.
+        args, kwargs: example inputs; verification runs on them.
+        path: the ``.onnx`` file to write.
+        policy: the rewrite policy for a module; only ``Dense`` and
+            ``Sparse(topk=0)`` sites have an ONNX form.
+        opset: ONNX opset in [18, 25], default 23. At >= 23 dense attention is
+            one ``Attention`` node; below, MatMul/Softmax/MatMul.
+        dynamic_seq: make the sequence axis dynamic (rule in
+            :func:`seq_dynamic_shapes`). For a program, its own dynamic shapes
+            are used and this only checks that it has some.
+        verify: run the file in onnxruntime (CPU) on the example inputs and
+            compare with the program in PyTorch; raise
+            :class:`~attnrw.errors.VerificationError` beyond ``atol``
+            (default 1e-4 for fp32, see ``verify.DEFAULT_ATOL``).
+        force: overwrite an existing file instead of raising :class:`OutputExistsError`.
+        dynamic_shapes: explicit ``torch.export`` dynamic shapes for a module
+            (instead of ``dynamic_seq``).
+        external_data: store weights in ``<path>.data``; ``None``: only past 2 GB.
+
+    Returns:
+        The path written. Nothing is written if any step fails: the files are
+        staged in a temporary folder beside ``path`` and moved into place last.
+    """
+    opset = check_opset(opset)
+    path = Path(path)
+    _check_destination(path, force)
+    args = tuple(args)
+    if dynamic_seq and dynamic_shapes is not None:
+        raise ConfigError("give either dynamic_seq=True or dynamic_shapes=, not both")
+
+    if isinstance(model_or_program, torch.export.ExportedProgram):
+        program = model_or_program
+        if dynamic_shapes is not None:
+            raise ConfigError("dynamic_shapes= applies to a module; a program keeps the shapes it was exported with")
+        if not (isinstance(policy, Dense) and policy == Dense()):
+            raise ConfigError("policy= applies to a module; a program is exported with the rewrites it already holds")
+        if dynamic_seq and not _has_symbolic_inputs(program):
+            raise ConfigError(
+                "dynamic_seq=True but the program has only static input shapes; export it with "
+                "dynamic_shapes (or pass the nn.Module to to_onnx with dynamic_seq=True)"
+            )
+    elif isinstance(model_or_program, torch.nn.Module):
+        import attnrw  # lazily: attnrw imports attnrw.export only on demand, not the reverse
+
+        if dynamic_seq:
+            dynamic_shapes = seq_dynamic_shapes(model_or_program, args, kwargs)
+        program = attnrw.rewrite(model_or_program, args, kwargs, policy=policy, dynamic_shapes=dynamic_shapes)
+    else:
+        raise TypeError(f"to_onnx takes an nn.Module or an ExportedProgram, got {type(model_or_program).__name__}")
+
+    onnx_program = export_program(program, args, kwargs, opset)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        staged = staging / path.name
+        onnx_program.save(staged, external_data=external_data)
+        if verify:
+            verify_file(staged, program, args, kwargs, atol)
+        _publish(staging, path, force)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote %s (opset %d)", path, opset)
+    return path

@@ -1,0 +1,150 @@
+"""Run an exported ONNX file in onnxruntime and compare it with the PyTorch program."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from attnrw.errors import VerificationError
+
+logger = logging.getLogger("attnrw.export")
+
+#: Default absolute tolerance by output dtype. fp32: the bound of the export
+#: contract (kernels and onnxruntime differ by summation order only, ~1e-7
+#: relative); half precisions round at ~1e-3 relative.
+DEFAULT_ATOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Errors of one output: max |onnx - torch|, and that over max |torch| (the output's scale)."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs <= self.atol
+
+
+def flat_user_inputs(program: torch.export.ExportedProgram, args: tuple, kwargs: dict | None) -> list[tuple[str, Any]]:
+    """(placeholder name, value) of each tensor user input, in the program's input order.
+
+    kwargs are put in the order the program was exported with, so the
+    flattening matches the ONNX graph's inputs (which carry the placeholder
+    names) whatever order the caller wrote them in.
+    """
+    from torch.export._tree_utils import reorder_kwargs
+
+    in_spec = program.call_spec.in_spec
+    kwargs = kwargs or {}
+    if in_spec is not None and kwargs:
+        kwargs = reorder_kwargs(kwargs, in_spec)
+    flat = pytree.tree_leaves((tuple(args), kwargs))
+    specs = [s for s in program.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    if len(flat) != len(specs):
+        raise VerificationError(
+            f"the example inputs flatten to {len(flat)} values but the program takes {len(specs)} user inputs; "
+            "pass the same args/kwargs the program was exported with"
+        )
+    out = []
+    for spec, value in zip(specs, flat):
+        if isinstance(spec.arg, torch.export.graph_signature.TensorArgument):
+            out.append((spec.arg.name, value))
+    return out
+
+
+def reference_outputs(program: torch.export.ExportedProgram, args: tuple, kwargs: dict | None) -> list[torch.Tensor]:
+    """The program's outputs in PyTorch, flattened, tensors only (as the ONNX graph returns them)."""
+    with torch.no_grad():
+        out = program.module()(*args, **(kwargs or {}))
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def onnxruntime_outputs(path: Path, inputs: Sequence[tuple[str, Any]]) -> list[np.ndarray]:
+    """Run ``path`` in onnxruntime's CPU provider on the named inputs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    given = {name: value for name, value in inputs}
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise VerificationError(f"the ONNX graph takes inputs {missing} that the example inputs do not provide")
+    feed = {n: _to_numpy(given[n]) for n in names}
+    return session.run(None, feed)
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            raise VerificationError("bfloat16 inputs cannot be fed to onnxruntime from numpy; verify in float32")
+        return t.numpy()
+    return np.asarray(t)
+
+
+def compare(expected: Sequence[torch.Tensor], actual: Sequence[np.ndarray], atol: float | None) -> list[Comparison]:
+    """Compare outputs pairwise; NaNs must sit at the same places on both sides."""
+    if len(expected) != len(actual):
+        raise VerificationError(f"onnxruntime returned {len(actual)} outputs, PyTorch {len(expected)}")
+    result = []
+    for i, (e, a) in enumerate(zip(expected, actual)):
+        ref = e.detach().cpu()
+        got = torch.from_numpy(np.asarray(a))
+        if tuple(ref.shape) != tuple(got.shape):
+            raise VerificationError(f"output {i}: onnxruntime shape {tuple(got.shape)} != PyTorch shape {tuple(ref.shape)}")
+        tol = atol if atol is not None else DEFAULT_ATOL.get(ref.dtype, 0.0)
+        if not ref.is_floating_point():
+            wrong = int((ref != got.to(ref.dtype)).sum())
+            result.append(Comparison(f"output {i}", float(wrong), float(wrong), 0.0))
+            continue
+        ref64, got64 = ref.double(), got.double()
+        nan_ref, nan_got = torch.isnan(ref64), torch.isnan(got64)
+        if not torch.equal(nan_ref, nan_got):
+            result.append(Comparison(f"output {i}", math.inf, math.inf, tol))
+            continue
+        diff = (ref64 - got64).abs().masked_fill(nan_ref, 0.0)
+        max_abs = float(diff.max()) if diff.numel() else 0.0
+        scale = float(ref64.masked_fill(nan_ref, 0.0).abs().max()) if ref64.numel() else 0.0
+        result.append(Comparison(f"output {i}", max_abs, max_abs / max(scale, 1e-30), tol))
+    return result
+
+
+def verify_file(
+    path: Path,
+    program: torch.export.ExportedProgram,
+    args: tuple,
+    kwargs: dict | None,
+    atol: float | None = None,
+) -> list[Comparison]:
+    """Run ``path`` in onnxruntime and the program in PyTorch on the same inputs.
+
+    Raises :class:`~attnrw.errors.VerificationError` naming the max abs and
+    max rel error of every output beyond tolerance (fp32 default 1e-4 abs).
+    """
+    expected = reference_outputs(program, args, kwargs)
+    actual = onnxruntime_outputs(path, flat_user_inputs(program, args, kwargs))
+    results = compare(expected, actual, atol)
+    for r in results:
+        logger.info("verify %s: max abs error %.3g, max rel error %.3g (atol %.3g)", r.name, r.max_abs, r.max_rel, r.atol)
+    bad = [r for r in results if not r.ok]
+    if bad:
+        lines = "; ".join(f"{r.name}: max abs error {r.max_abs:.3g} > atol {r.atol:.3g} (max rel error {r.max_rel:.3g})" for r in bad)
+        raise VerificationError(
+            f"the ONNX model does not match PyTorch in onnxruntime: {lines}. No file was written. "
+            "Report this with the model; to write the file anyway pass verify=False."
+        )
+    return results

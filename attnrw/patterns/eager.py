@@ -1,0 +1,384 @@
+"""Hand-written attention: softmax(Q·Kᵀ·scale + mask)·V spelled with aten products.
+
+Anchors on a softmax over the last axis and checks the semantics around it,
+whatever spelling produced it:
+
+* the product: ``bmm`` (heads folded into the batch), ``matmul`` /
+  ``einsum`` (both decompose to ``bmm`` with views), ``mm``, ``baddbmm``
+  (``nn.MultiheadAttention`` with ``need_weights``), K transposed by
+  ``transpose``/``permute`` or stored pre-transposed;
+* the scale: ``mul``/``div`` by a constant before or after the product, on
+  either operand, or none (T5);
+* masks and biases between the product and the softmax: ``add``/``sub`` of
+  any tensor that does not depend on the scores (padding masks, causal masks,
+  T5/Swin/ALiBi position biases), ``masked_fill``/``where`` with a large
+  negative fill (boolean masks; DistilBERT, GPT-2), in any frame that keeps
+  the query and key axes (Swin adds its mask in a 5-D view);
+* casts around the softmax (upcast to float32 and back), eval-mode dropout;
+* grouped-query attention through ``repeat_kv`` (expand + reshape).
+
+The rewrite would be wrong, and is refused with a reason, when: the softmax
+is over another axis; the probabilities are used elsewhere (returned as
+weights) or pass through an active dropout; the scale is a tensor; a term
+depends on the scores; the scores are reshaped across the query/key axes;
+a fill value is not a large negative constant.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from attnrw.patterns import expr as E
+from attnrw.patterns.context import MatchContext
+from attnrw.patterns.graph import (
+    DROPOUT,
+    PRODUCTS,
+    arg,
+    aten,
+    dtype_name,
+    hint,
+    is_cast,
+    is_order_preserving,
+    module_path,
+    numel,
+    real_users,
+    same,
+    same_shape,
+    shape,
+    tensor_val,
+)
+from attnrw.patterns.masks import canonical_mask, classify_mask
+from attnrw.patterns.match import (
+    Match,
+    aligned,
+    NoMatch,
+    canonical_bh,
+    from_canonical_bh,
+    peel_repeat_kv,
+    peel_to_shape,
+)
+from attnrw.patterns.site import AttentionSite
+
+#: A fill at or below this value masks a score out: exp(-1e4) underflows in
+#: every float dtype, so adding it (instead of replacing) changes nothing
+#: except on rows where every key is masked.
+LARGE_NEGATIVE = -1e4
+
+_MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
+
+
+def _scalar(x: Any, ctx: MatchContext) -> float | None:
+    """A Python number, or the value of a 0-dim constant tensor node; None otherwise."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, Node):
+        t = tensor_val(x)
+        if t is not None and t.dim() == 0 and ctx.is_static(x):
+            v = ctx.value(x)
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                return float(v.item())
+    return None
+
+
+def _reaches_product(node: Any, rows: Any, cols: Any, depth: int = 24) -> bool:
+    """Whether ``node`` is scores: a product with (rows, cols) trailing dims, through score-chain ops."""
+    if not isinstance(node, Node) or depth == 0:
+        return False
+    s = shape(node)
+    if s is None or len(s) < 2 or not (same(s[-2], rows) and same(s[-1], cols)):
+        return False
+    t = node.target
+    if t in PRODUCTS:
+        return True
+    if is_order_preserving(node) or is_cast(node):
+        return _reaches_product(node.args[0], rows, cols, depth - 1)
+    if t in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor):
+        return any(_reaches_product(a, rows, cols, depth - 1) for a in node.args[:2])
+    if t in _MASKED_FILL:
+        return _reaches_product(node.args[0], rows, cols, depth - 1)
+    if t is aten.where.self:
+        return any(_reaches_product(a, rows, cols, depth - 1) for a in node.args[1:3])
+    return False
+
+
+class _ScoreChain:
+    """The walk from the softmax input back to the Q·Kᵀ product."""
+
+    def __init__(self, ctx: MatchContext, rows: Any, cols: Any) -> None:
+        self.ctx = ctx
+        self.rows, self.cols = rows, cols
+        self.scale = 1.0
+        # (term, frame shape, factor): term added to the scores in that frame,
+        # multiplied by the scales applied after it.
+        self.terms: list[tuple[Any, tuple, float]] = []
+        self.interior: set[Node] = set()
+
+    def walk(self, x: Node) -> Node:
+        cur: Any = x
+        while True:
+            if not isinstance(cur, Node):
+                raise NoMatch("the scores are not computed by the graph")
+            if cur.target in PRODUCTS:
+                return cur
+            self.interior.add(cur)
+            s = shape(cur)
+            if s is None or len(s) < 2 or not (same(s[-2], self.rows) and same(s[-1], self.cols)):
+                raise NoMatch("the scores are reshaped across the query and key axes before the softmax")
+            if is_order_preserving(cur) or is_cast(cur):
+                cur = cur.args[0]
+                continue
+            cur = self._step(cur, s)
+
+    def _pick(self, node: Node, candidates: list[Any]) -> tuple[Node, list[Any]]:
+        score = [c for c in candidates if _reaches_product(c, self.rows, self.cols)]
+        if not score:
+            raise NoMatch(f"no Q·Kᵀ product found behind {node.name}")
+        chosen = score[0]
+        if not same_shape(shape(chosen), shape(node)):
+            raise NoMatch(f"{node.name}: a mask or bias broadcasts the scores to a larger shape")
+        return chosen, [c for c in candidates if c is not chosen]
+
+    def _term(self, term: Any, frame: tuple) -> None:
+        if isinstance(term, Node) and _reaches_product(term, self.rows, self.cols, depth=8):
+            # A bias built from the scores themselves is not a mask we can pass in.
+            raise NoMatch("a term added to the scores depends on the scores")
+        self.terms.append((term, frame, self.scale))
+
+    def _step(self, node: Node, frame: tuple) -> Any:
+        t = node.target
+        if t in (aten.add.Tensor, aten.sub.Tensor):
+            a, b = node.args[:2]
+            alpha = node.kwargs.get("alpha", 1)
+            score, (other,) = self._pick(node, [a, b])
+            if t is aten.sub.Tensor and score is b:
+                raise NoMatch("the scores are negated before the softmax")
+            sign = -1.0 if t is aten.sub.Tensor else 1.0
+            if isinstance(other, Node):
+                term = other if sign * alpha == 1 else E.mul(other, sign * alpha)
+                self._term(term, frame)
+            elif not isinstance(other, (int, float)):
+                raise NoMatch(f"{node.name}: unsupported operand {other!r}")
+            # A constant added to every score cancels in the softmax.
+            return score
+        if t in (aten.mul.Tensor, aten.div.Tensor):
+            a, b = node.args[:2]
+            score, (other,) = self._pick(node, [a, b])
+            c = _scalar(other, self.ctx)
+            if c is None:
+                raise NoMatch(f"{node.name}: the scores are scaled by a tensor, not a constant")
+            if t is aten.div.Tensor:
+                if score is not a:
+                    raise NoMatch(f"{node.name}: a constant is divided by the scores")
+                c = 1.0 / c
+            if not (c > 0 and math.isfinite(c)):
+                raise NoMatch(f"{node.name}: scale {c} is not a positive finite number")
+            self.scale *= c
+            return score
+        if t in _MASKED_FILL:
+            score, mask, value = node.args[:3]
+            v = _scalar(value, self.ctx)
+            if v is None or v > LARGE_NEGATIVE:
+                raise NoMatch(f"{node.name}: masked_fill value {value!r} is not a large negative constant")
+            self._term(E.where(mask, v, 0.0), frame)
+            return score
+        if t is aten.where.self:
+            cond, a, b = node.args[:3]
+            score, (other,) = self._pick(node, [a, b])
+            v = _scalar(other, self.ctx)
+            if v is None or v > LARGE_NEGATIVE:
+                raise NoMatch(f"{node.name}: where() fill {other!r} is not a large negative constant")
+            self._term(E.where(cond, 0.0, v) if score is a else E.where(cond, v, 0.0), frame)
+            return score
+        name = getattr(t, "__name__", str(t))
+        raise NoMatch(f"the scores pass through {name} between the product and the softmax")
+
+
+def _prescale(node: Any, ctx: MatchContext) -> tuple[Any, float]:
+    """Strip a constant ``mul``/``div`` directly on a query or key tensor (``q * d**-0.25``)."""
+    factor = 1.0
+    while isinstance(node, Node) and node.target in (aten.mul.Tensor, aten.div.Tensor):
+        a, b = node.args[:2]
+        if not isinstance(a, Node):
+            a, b = b, a
+        c = _scalar(b, ctx)
+        if c is None or not isinstance(a, Node) or c <= 0:
+            break
+        factor *= (1.0 / c) if node.target is aten.div.Tensor else c
+        node = a
+    return node, factor
+
+
+def _as_batched(node: Any, target: tuple, what: str) -> Any:
+    """``node`` (same elements in row-major order) presented with shape ``target``."""
+    found = peel_to_shape(node, target)
+    if found is not None:
+        return found
+    if all(isinstance(d, int) for d in target):
+        return E.reshape(node, list(target))
+    raise NoMatch(f"cannot express the {what} layout with dynamic sizes")
+
+
+def _strip_key_transpose(kt: Any) -> Any:
+    """(…, D, Sk) -> (…, Sk, D): reuse the untransposed tensor when kt is a transpose of it."""
+    if isinstance(kt, Node):
+        rank = len(shape(kt) or ())
+        if kt.target is aten.transpose.int:
+            dims = {kt.args[1] % rank, kt.args[2] % rank}
+            if dims == {rank - 2, rank - 1}:
+                return kt.args[0]
+        if kt.target is aten.permute.default:
+            perm = [p % rank for p in kt.args[1]]
+            if perm == list(range(rank - 2)) + [rank - 1, rank - 2]:
+                return kt.args[0]
+    return E.transpose(kt, -1, -2)
+
+
+def match_softmax(sm: Node, ctx: MatchContext) -> Match:
+    """Match the attention around one softmax node; raises :class:`NoMatch` with the reason."""
+    x = sm.args[0]
+    xs = shape(x)
+    if xs is None or len(xs) < 2:
+        raise NoMatch("softmax over a tensor of rank < 2")
+    rank = len(xs)
+    dim = arg(sm, 1, "dim") % rank
+    if dim != rank - 1:
+        raise NoMatch(f"softmax over axis {dim}, not the last (key) axis")
+    xb, rows, cols = tuple(xs[:-2]), xs[-2], xs[-1]
+    interior: set[Node] = {sm}
+
+    # Probabilities -> the product with V.
+    cur = sm
+    while True:
+        users = real_users(cur)
+        if len(users) != 1:
+            raise NoMatch(
+                "the attention probabilities are also used elsewhere (e.g. returned as attention weights)"
+                if users
+                else "the softmax output is unused"
+            )
+        u = users[0]
+        if u.target in PRODUCTS and u.target is not aten.baddbmm.default:
+            if u.args[0] is not cur:
+                raise NoMatch("the probabilities are the right operand of the product")
+            pv = u
+            break
+        if u.target in DROPOUT or (u.target is aten.native_dropout.default):
+            if not (is_order_preserving(u)):
+                raise NoMatch("dropout is active on the attention probabilities (training mode)")
+        if not (is_order_preserving(u) or is_cast(u)):
+            name = getattr(u.target, "__name__", str(u.target))
+            raise NoMatch(f"the probabilities flow into {name} instead of a product with values")
+        interior.add(u)
+        cur = u
+    pm_shape, vm_shape = shape(pv.args[0]), shape(pv.args[1])
+    if pm_shape is None or vm_shape is None or len(pm_shape) != len(vm_shape):
+        raise NoMatch("probabilities and values have unexpected ranks")
+    if not (same(pm_shape[-2], rows) and same(pm_shape[-1], cols) and same(vm_shape[-2], cols)):
+        raise NoMatch("the probabilities are reshaped across the query and key axes")
+    if not same(numel(pm_shape[:-2]), numel(xb)) or not same_shape(pm_shape[:-2], vm_shape[:-2]):
+        raise NoMatch("the product with values does not keep the batch of the scores")
+    interior.add(pv)
+
+    # Scores -> the Q·Kᵀ product.
+    chain = _ScoreChain(ctx, rows, cols)
+    qk = chain.walk(x)
+    interior |= chain.interior | {qk}
+    scale = chain.scale
+    terms = list(chain.terms)
+    if qk.target is aten.baddbmm.default:
+        bias, a_node, b_node = qk.args[:3]
+        beta, alpha = qk.kwargs.get("beta", 1), qk.kwargs.get("alpha", 1)
+        if isinstance(bias, Node) and beta != 0:
+            terms.append((bias if beta == 1 else E.mul(bias, beta), shape(qk), scale))
+        scale *= alpha
+    else:
+        a_node, b_node = qk.args[:2]
+    a_shape, b_shape = shape(a_node), shape(b_node)
+    if a_shape is None or b_shape is None or len(a_shape) != len(b_shape):
+        raise NoMatch("the Q·Kᵀ product broadcasts its operands")
+    if not same_shape(a_shape[:-2], b_shape[:-2]) or not same(numel(a_shape[:-2]), numel(xb)):
+        raise NoMatch("the Q·Kᵀ product does not keep the batch of the scores")
+    head_dim, v_dim = a_shape[-1], vm_shape[-1]
+
+    # Canonical q, k, v of shape (*Xb, S, D).
+    q = _as_batched(a_node, (*xb, rows, head_dim), "query")
+    kt = _as_batched(b_node, (*xb, head_dim, cols), "key")
+    k = _strip_key_transpose(kt)
+    if isinstance(k, Node):
+        k = peel_to_shape(k, (*xb, cols, head_dim)) or k
+    v = _as_batched(pv.args[1], (*xb, cols, v_dim), "value")
+    q, q_pre = _prescale(q, ctx)
+    k, k_pre = _prescale(k, ctx)
+    if isinstance(q, Node):
+        q = peel_to_shape(q, (*xb, rows, head_dim)) or q
+    if isinstance(k, Node):
+        k = peel_to_shape(k, (*xb, cols, head_dim)) or k
+    scale *= q_pre * k_pre
+
+    dtypes = {tensor_val(n).dtype for n in (a_node, b_node, pv.args[1]) if tensor_val(n) is not None}
+    if len(dtypes) > 1:
+        raise NoMatch("queries, keys and values have different dtypes")
+    out_dtype = tensor_val(pv).dtype
+
+    heads = xb[-1] if len(xb) >= 1 else 1
+    kv_heads = None
+    if len(xb) == 2:
+        k_src, kv_k = peel_repeat_kv(k, heads)
+        v_src, kv_v = peel_repeat_kv(v, heads)
+        if kv_k is not None and kv_k == kv_v:
+            k, v, kv_heads = k_src, v_src, kv_k
+
+    mask = canonical_mask(terms, xs, xb)
+    mask_info = classify_mask(mask, ctx, rows, cols, is_causal=False, batch_rank=len(xb))
+
+    qc, kc, vc = canonical_bh(q, len(xb)), canonical_bh(k, len(xb)), canonical_bh(v, len(xb))
+    out = from_canonical_bh(E.RESULT, xb, q)
+    if not same_shape(pm_shape[:-2], xb):
+        nb = pm_shape[:-2]
+        if not all(isinstance(d, int) for d in nb):
+            raise NoMatch("cannot express the output layout with dynamic sizes")
+        out = E.reshape(out, [*nb, E.SizeOf(E.RESULT, 2), E.SizeOf(E.RESULT, 3)])
+    if out_dtype != dtypes.pop():
+        out = E.cast(out, out_dtype)
+
+    qv = tensor_val(a_node)
+    site = AttentionSite(
+        module_path=module_path(sm),
+        source="eager",
+        num_heads=hint(heads) if len(xb) >= 1 else 1,
+        num_kv_heads=kv_heads if kv_heads is not None else (hint(heads) if len(xb) >= 1 else 1),
+        q_len=hint(rows),
+        kv_len=hint(cols),
+        head_dim=hint(head_dim),
+        v_head_dim=hint(v_dim),
+        scale=float(scale),
+        causal=mask_info.causal,
+        mask=mask_info.kind,
+        dropout_p=0.0,
+        dtype=dtype_name(qv.dtype),
+        batch=hint(numel(xb[:-1])) if len(xb) >= 1 else 1,
+        self_attention=aligned(q, k, rows, cols, ctx),
+        node=sm.name,
+    )
+    return Match(
+        site=site,
+        q=qc,
+        k=kc,
+        v=vc,
+        mask=mask_info.mask,
+        is_causal=mask_info.use_causal_flag,
+        scale=float(scale),
+        replace=pv,
+        output=out,
+        interior=interior,
+        anchor=sm,
+    )
+
+
+__all__ = ["match_softmax"]

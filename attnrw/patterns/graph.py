@@ -1,0 +1,216 @@
+"""Read-only helpers over aten FX graphs: values, shapes, op families, module paths."""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Ops that keep the row-major order of elements: a chain of them from T to X
+# means X == T.reshape(X.shape). (An expand only when it does not broadcast,
+# a permute/transpose only when it is the identity; checked separately.)
+ORDER_PRESERVING = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.lift_fresh_copy.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.squeeze.default,
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+    aten.contiguous.default,
+    aten.view_copy.default,
+}
+MAYBE_IDENTITY = {aten.expand.default, aten.permute.default, aten.transpose.int, aten._to_copy.default}
+
+CASTS = {aten._to_copy.default, prims.convert_element_type.default, aten.to.dtype, aten.to.dtype_layout}
+
+SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
+
+PRODUCTS = {aten.bmm.default, aten.mm.default, aten.matmul.default, aten.baddbmm.default}
+
+DROPOUT = {aten.dropout.default, aten.native_dropout.default, aten.feature_dropout.default}
+
+
+def val(node: Any) -> Any:
+    """The example value (usually a FakeTensor) recorded on a node, or the constant itself."""
+    if isinstance(node, Node):
+        v = node.meta.get("val", node.meta.get("example_value"))
+        return v
+    return node
+
+
+def tensor_val(node: Any) -> torch.Tensor | None:
+    v = val(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def shape(node: Any) -> tuple | None:
+    t = tensor_val(node)
+    return tuple(t.shape) if t is not None else None
+
+
+def hint(x: Any) -> int:
+    """A concrete int for a dim that may be symbolic (its example value)."""
+    if isinstance(x, torch.SymInt):
+        h = x.node.hint
+        if h is not None:
+            return int(h)
+        return int(x.node.shape_env.size_hint(x.node.expr))
+    return int(x)
+
+
+def hints(dims: Iterable[Any]) -> tuple[int, ...]:
+    return tuple(hint(d) for d in dims)
+
+
+def same(a: Any, b: Any) -> bool:
+    """True when two dims are provably equal (without adding guards)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # pragma: no cover - defensive: unknown symbolic forms
+        return False
+
+
+def same_shape(a: Sequence[Any] | None, b: Sequence[Any] | None) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+def numel(dims: Sequence[Any]) -> Any:
+    out: Any = 1
+    for d in dims:
+        out = out * d
+    return out
+
+
+def is_identity_layout(node: Node) -> bool:
+    """Whether a node of ``MAYBE_IDENTITY`` leaves its input's elements where they are."""
+    t = node.target
+    src = node.args[0]
+    if t is aten.expand.default:
+        return same_shape(shape(src), shape(node))
+    if t is aten.permute.default:
+        perm = list(node.args[1])
+        rank = len(perm)
+        return [p % rank for p in perm] == list(range(rank))
+    if t is aten.transpose.int:
+        rank = len(shape(node) or ())
+        return rank > 0 and node.args[1] % rank == node.args[2] % rank
+    if t is aten._to_copy.default:
+        sv, nv = tensor_val(src), tensor_val(node)
+        return sv is not None and nv is not None and sv.dtype == nv.dtype and sv.device == nv.device
+    return False
+
+
+def is_order_preserving(node: Any) -> bool:
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    if node.target in ORDER_PRESERVING:
+        return True
+    if node.target in DROPOUT:
+        return is_eval_dropout(node) and node.target is not aten.native_dropout.default
+    if node.target is operator.getitem:
+        src = node.args[0]
+        return (
+            isinstance(src, Node)
+            and src.target is aten.native_dropout.default
+            and node.args[1] == 0
+            and is_eval_dropout(src)
+        )
+    return node.target in MAYBE_IDENTITY and is_identity_layout(node)
+
+
+def is_eval_dropout(node: Node) -> bool:
+    """Dropout that is the identity: eval mode (``train=False``) or ``p == 0``."""
+    args = list(node.args) + [None] * 3
+    p = args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+    train = args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return train is False or p == 0
+
+
+def is_cast(node: Any) -> bool:
+    if not isinstance(node, Node) or node.op != "call_function" or node.target not in CASTS:
+        return False
+    if node.target is aten._to_copy.default:
+        sv, nv = tensor_val(node.args[0]), tensor_val(node)
+        return sv is not None and nv is not None and sv.device == nv.device
+    return True
+
+
+#: Metadata checks ``torch.export`` inserts (e.g. for ``.to()``); they are not uses of a value.
+ASSERTS = {aten._assert_tensor_metadata.default}
+
+
+def real_users(node: Node) -> list[Node]:
+    """Users of a node other than metadata assertions."""
+    return [u for u in node.users if u.target not in ASSERTS]
+
+
+def module_path(node: Node) -> str:
+    """The innermost module a node runs in, as a dotted path (``encoder.layer.3.attention``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1][0]
+    return normalize_module_path(raw)
+
+
+_DYNAMO_ROOT = re.compile(r"^(?:L\[['\"]\w+['\"]\]|L__\w+__|self)\.?")
+
+
+def normalize_module_path(raw: str) -> str:
+    """Turn dynamo's ``L['self'].encoder.layer[3]._modules['attn']`` style into ``encoder.layer.3.attn``."""
+    s = _DYNAMO_ROOT.sub("", raw)
+    s = s.replace("._modules", "")
+    s = re.sub(r"getattr\((.*?),\s*['\"](\w+)['\"]\)", r"\1.\2", s)
+    s = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", s)
+    s = re.sub(r"\[(\d+)\]", r".\1", s)
+    s = re.sub(r"\.+", ".", s).strip(".")
+    return s
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def walk_order_preserving(node: Any) -> list[Any]:
+    """``[node, parent, grandparent, ...]`` back through order-preserving ops."""
+    chain = [node]
+    while is_order_preserving(chain[-1]):
+        chain.append(chain[-1].args[0])
+    return chain
+
+
+def ancestors(nodes: Iterable[Any], stop: set[Node] | None = None) -> set[Node]:
+    """All nodes the given nodes depend on (inclusive)."""
+    seen: set[Node] = set()
+    todo = [n for n in nodes if isinstance(n, Node)]
+    while todo:
+        n = todo.pop()
+        if n in seen or (stop is not None and n in stop):
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

@@ -1,0 +1,150 @@
+"""The result of a successful match, and the steps every matcher shares.
+
+A :class:`Match` says how to build the fused op's inputs in the canonical
+layout -- q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), a mask
+broadcastable to (B, H, Sq, Sk) -- as expressions over existing nodes, which
+node's uses receive the result and through what output expression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from attnrw.patterns import expr as E
+from attnrw.patterns.graph import (
+    aten,
+    is_order_preserving,
+    numel,
+    same,
+    same_shape,
+    shape,
+    tensor_val,
+    walk_order_preserving,
+)
+from attnrw.patterns.context import MatchContext
+from attnrw.patterns.site import AttentionSite
+
+
+class NoMatch(Exception):
+    """Raised inside a matcher with the reason a candidate is not rewritten."""
+
+
+@dataclass
+class Match:
+    """How to replace one attention site by one fused op.
+
+    ``q``, ``k``, ``v`` and ``mask`` are expressions (see :mod:`attnrw.patterns.expr`)
+    in the canonical layout. ``replace`` is the node whose uses take
+    ``output`` (an expression over ``expr.RESULT``, the op's (B, H, Sq, Dv)
+    output). ``interior`` holds the nodes the rewrite makes dead.
+    """
+
+    site: AttentionSite
+    q: Any
+    k: Any
+    v: Any
+    mask: Any
+    is_causal: bool
+    scale: float
+    replace: Node
+    output: Any
+    interior: set[Node] = field(default_factory=set)
+    anchor: Node | None = None
+
+
+def peel_to_shape(node: Any, target: tuple) -> Any:
+    """The furthest tensor back through order-preserving ops whose shape is ``target``.
+
+    Since those ops keep the row-major order of elements, that tensor reshaped
+    to ``node``'s shape is ``node``; ``None`` if no tensor on the chain has it.
+    """
+    best = None
+    for n in walk_order_preserving(node):
+        if same_shape(shape(n), target):
+            best = n
+    return best
+
+
+def canonical_bh(x: Any, batch_rank: int) -> Any:
+    """(*Xb, a, b) -> (B, H, a, b): heads are the last batch axis, the rest folds into B."""
+    if batch_rank == 2:
+        return x
+    if batch_rank == 1:
+        return E.unsqueeze(x, 1)
+    if batch_rank == 0:
+        return E.unsqueeze(E.unsqueeze(x, 0), 0)
+    return E.reshape(x, [-1, E.SizeOf(x, batch_rank - 1), E.SizeOf(x, batch_rank), E.SizeOf(x, batch_rank + 1)])
+
+
+def from_canonical_bh(out: Any, batch_dims: tuple, ref: Any) -> Any:
+    """Inverse of :func:`canonical_bh` for the op output; ``ref`` is a tensor of shape (*Xb, ...)."""
+    rank = len(batch_dims)
+    if rank == 2:
+        return out
+    if rank == 1:
+        return E.squeeze(out, 1)
+    if rank == 0:
+        return E.squeeze(E.squeeze(out, 0), 0)
+    dims = [E.SizeOf(ref, i) for i in range(rank)]
+    return E.reshape(out, [*dims, E.SizeOf(out, 2), E.SizeOf(out, 3)])
+
+
+def peel_repeat_kv(k_node: Any, heads: Any) -> tuple[Any, int | None]:
+    """Undo ``repeat_kv`` (expand + reshape) on a (B, H, S, D) key/value tensor.
+
+    Returns ``(source, kv_heads)`` with source (B, Hkv, S, D) when ``k_node`` is,
+    through order-preserving ops, ``x[:, :, None].expand(B, Hkv, n, S, D)``
+    reshaped to (B, Hkv·n, S, D); otherwise ``(k_node, None)``. Using the
+    source is exact: the op repeats each kv head ``n`` times in the same order.
+    """
+    kshape = shape(k_node)
+    if kshape is None or len(kshape) != 4:
+        return k_node, None
+    for n in walk_order_preserving(k_node)[1:]:
+        if not (isinstance(n, Node) and n.target is aten.expand.default):
+            continue
+        src = n.args[0]
+        s_shape, e_shape = shape(src), shape(n)
+        if s_shape is None or e_shape is None or len(e_shape) != 5 or len(s_shape) != 5:
+            return k_node, None
+        if not (same(s_shape[2], 1) and same(s_shape[0], kshape[0]) and same_shape(s_shape[3:], kshape[2:])):
+            return k_node, None
+        if not same(e_shape[1] * e_shape[2], kshape[1]) or not same(s_shape[1], e_shape[1]):
+            return k_node, None
+        if isinstance(src, Node) and src.target is aten.unsqueeze.default and src.args[1] in (2, -3):
+            return src.args[0], _int(e_shape[1])
+        if isinstance(src, Node) and is_order_preserving(src):
+            inner = peel_to_shape(src, (s_shape[0], s_shape[1], s_shape[3], s_shape[4]))
+            if inner is not None:
+                return inner, _int(e_shape[1])
+        return E.squeeze(src, 2), _int(e_shape[1])
+    return k_node, None
+
+
+def _int(x: Any) -> int:
+    from attnrw.patterns.graph import hint
+
+    return hint(x)
+
+
+def batch_numel_matches(a: tuple, b: tuple) -> bool:
+    return same(numel(a), numel(b))
+
+
+def dtype_of(node: Any) -> torch.dtype | None:
+    t = tensor_val(node)
+    return t.dtype if t is not None else None
+
+
+def aligned(q: Any, k: Any, rows: Any, cols: Any, ctx: MatchContext) -> bool:
+    """Queries and keys are one sequence: same length and built from the same tokens."""
+    if not same(rows, cols):
+        return False
+    qn, kn = E.nodes_in(q), E.nodes_in(k)
+    if not qn or not kn:
+        return False
+    return bool(ctx.token_roots(qn[0]) & ctx.token_roots(kn[0]))
