@@ -103,6 +103,8 @@ def attention_decomposed(
     heads = static_dim(q, 1)
     if heads is None:
         raise ValueError("the number of query heads must be static to export attention")
+    # Values built in the trace carry no shape: read the lengths before repeat_kv.
+    q_len, kv_len = dim(q, 2), dim(k, 2)
     k = repeat_kv(k, heads)
     v = repeat_kv(v, heads)
     qs = op.Mul(q, op.CastLike(const(float(scale), "float32"), q))
@@ -110,12 +112,12 @@ def attention_decomposed(
 
     keep = None
     if is_causal:
-        rows = op.Range(const(0), scalar(dim(q, 2)), const(1))
-        cols = op.Range(const(0), scalar(dim(k, 2)), const(1))
+        rows = op.Range(const(0), scalar(q_len), const(1))
+        cols = op.Range(const(0), scalar(kv_len), const(1))
         keep = op.LessOrEqual(op.Unsqueeze(cols, ints(0)), op.Unsqueeze(rows, ints(1)))
     if attn_mask is not None:
         mask = to_rank4(attn_mask)
-        if mask.dtype == ir.DataType.BOOL:
+        if attn_mask.dtype == ir.DataType.BOOL:
             keep = mask if keep is None else op.And(keep, mask)
         else:
             scores = op.Add(scores, op.CastLike(mask, scores))

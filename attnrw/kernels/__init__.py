@@ -6,3 +6,4 @@ when used). Kernels know nothing of graphs.
 """
 
 from attnrw.kernels import attention  # noqa: F401
+from attnrw.kernels import sparse  # noqa: F401

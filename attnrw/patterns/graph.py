@@ -167,7 +167,12 @@ def module_path(node: Node) -> str:
     if not stack:
         return ""
     raw = list(stack.values())[-1][0]
-    return normalize_module_path(raw)
+    path = normalize_module_path(raw)
+    if node.meta.get("original_aten") is aten._transformer_encoder_layer_fwd.default:
+        # The fused encoder-layer op runs under the layer; its attention is
+        # the layer's ``self_attn`` module, where torch.export places it.
+        path = f"{path}.self_attn" if path else "self_attn"
+    return path
 
 
 _DYNAMO_ROOT = re.compile(r"^(?:L\[['\"]\w+['\"]\]|L__\w+__|self)\.?")

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.fx.traceback as fx_traceback
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -42,7 +43,7 @@ def trace_to_aten(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule
     def run(*args: Any) -> Any:
         return Interpreter(gm).run(*args)
 
-    with fake_mode, fx_traceback.preserve_node_meta(), torch.no_grad():
+    with fake_mode, enable_python_dispatcher(), fx_traceback.preserve_node_meta(), torch.no_grad():
         agm = make_fx(
             run,
             decomposition_table=dict(FUSED_DECOMPOSITIONS),

@@ -33,6 +33,7 @@ used, through its broadcast view.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -376,8 +377,8 @@ def sparse_attention_grads(
             idx = tuple(t if t.shape[0] == 1 else t[sl] for t in idx_all)
             # Sum over the axes the mask broadcasts along, then scatter into its own shape.
             target = torch.broadcast_shapes(*(t.shape for t in idx))
-            dsum = ds.sum(dim=[d for d in range(4) if target[d] == 1 and ds.shape[d] != 1], keepdim=True)
-            dm.index_put_(idx, dsum, accumulate=True)
+            dims = [d for d in range(4) if target[d] == 1 and ds.shape[d] != 1]
+            dm.index_put_(idx, ds.sum(dim=dims, keepdim=True) if dims else ds, accumulate=True)  # sum(dim=[]) sums all
 
     dq_out = _unfold_output(dq, batch, heads, seq_len)
     dk_out = dk[:, :seq_len].view(batch, kv_heads, heads // kv_heads, seq_len, dim).sum(2)
