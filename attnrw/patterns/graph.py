@@ -168,7 +168,8 @@ def module_path(node: Node) -> str:
         return ""
     raw = list(stack.values())[-1][0]
     path = normalize_module_path(raw)
-    if node.meta.get("original_aten") is aten._transformer_encoder_layer_fwd.default:
+    # (meta is deep-copied along the way: compare op names, not objects)
+    if str(node.meta.get("original_aten")) == "aten._transformer_encoder_layer_fwd.default":
         # The fused encoder-layer op runs under the layer; its attention is
         # the layer's ``self_attn`` module, where torch.export places it.
         path = f"{path}.self_attn" if path else "self_attn"

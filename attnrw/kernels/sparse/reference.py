@@ -130,35 +130,41 @@ def _window_view(rows: torch.Tensor, geo: _Geometry) -> torch.Tensor:
     return flat.unfold(1, geo.band_blocks * row_len, row_len).transpose(-1, -2)
 
 
-def _window_slots(geo: _Geometry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Slots of the window: key position and 'is counted' flag, (nb, L_window) each, and band flag (L_window,).
+@functools.lru_cache(maxsize=16)
+def _window_layout(geo: _Geometry, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key position of every window slot (nb, L_window) and which (query, slot) pairs attend (nb, bs, L_window).
 
-    A sink copy counts only in the window's first row (every row carries
-    one); a band slot counts when its key is in the sequence and is not a
-    sink (sinks are counted by their sink slot, or by the extra sinks).
+    Unused slots get position ``seq_len``. A sink copy counts only in the
+    window's first row (every row carries one); a band slot counts when its
+    key is in the sequence and is not a sink (its sink slot counts it).
+    Depends only on ints, so it is cached (callers must not modify the
+    result): a model's layers share one layout.
     """
-    bs, rs = geo.block_size, geo.row_sinks
-    qb = torch.arange(geo.num_blocks, device=device)[:, None, None]
-    off = torch.arange(geo.band_blocks, device=device)[None, :, None]
-    t = torch.arange(geo.row_len, device=device)[None, None, :]
+    bs, rs, seq_len = geo.block_size, geo.row_sinks, geo.seq_len
+    nb, nbb, row_len = geo.num_blocks, geo.band_blocks, geo.row_len
+    qb = torch.arange(nb, device=device, dtype=torch.int32)[:, None, None]
+    off = torch.arange(nbb, device=device, dtype=torch.int32)[None, :, None]
+    t = torch.arange(row_len, device=device, dtype=torch.int32)[None, None, :]
     is_sink = t < rs
     band_pos = (qb - geo.before + off) * bs + (t - rs)
-    pos = torch.where(is_sink, t, band_pos)
-    counted = torch.where(is_sink, off == 0, (band_pos >= geo.sinks) & (band_pos >= 0) & (band_pos < geo.seq_len))
-    return pos.flatten(1), counted.flatten(1), (~is_sink).expand(1, geo.band_blocks, -1).flatten()
+    counted = torch.where(is_sink, off == 0, (band_pos >= geo.sinks) & (band_pos >= 0) & (band_pos < seq_len))
+    pos = torch.where(is_sink, t, band_pos).masked_fill(~counted, seq_len).flatten(1).long()
 
-
-def _visible(geo: _Geometry, query_pos: torch.Tensor, key_pos: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
-    """The sparsity rule for query rows (.., bs, 1) and key slots (.., 1, L).
-
-    ``band`` (broadcastable to the result) marks slots under the band rule;
-    the others (sinks, top-k blocks) obey only causality.
-    """
-    i, j = query_pos[..., :, None], key_pos[..., None, :]
+    # In a band slot, i - j = r + (before - o)·bs - (t - rs) does not depend on the query
+    # block: build that (bs, L_window) pattern once rather than an (nb, bs, L_window) one.
+    r = torch.arange(bs, device=device, dtype=torch.int32)[:, None]
+    d = r + ((geo.before - off) * bs - (t - rs)).flatten()[None, :]
     if geo.is_causal:
-        ok = j <= i
-        return ok & (~band | (j > i - geo.window))
-    return ~band | ((i - j).abs() <= geo.window // 2)
+        band_ok = (d >= 0) & (d < geo.window)
+    else:
+        band_ok = d.abs() <= geo.window // 2
+    pattern = band_ok | is_sink.expand(1, nbb, -1).flatten()[None, :]
+    query_pos = torch.arange(nb * bs, device=device).view(nb, bs)
+    allowed = pattern[None] & counted.flatten(1)[:, None, :] & (query_pos < seq_len)[:, :, None]
+    if geo.is_causal and rs:
+        # The counted sink copies are the first rs slots; a causal query sees sink j only if j <= i.
+        allowed[:, :, :rs] &= torch.arange(rs, device=device)[None, None, :] <= query_pos[:, :, None]
+    return pos, allowed
 
 
 def _gather_rows(rows: torch.Tensor, geo: _Geometry, blocks: torch.Tensor) -> torch.Tensor:
@@ -200,13 +206,12 @@ def _per_head(x: torch.Tensor, heads: int, stop: int) -> torch.Tensor:
 
 @dataclass
 class _Slots:
-    """A run of key slots shared by every query block: keys, values and what each slot is."""
+    """A run of key slots of every query block: keys, values, positions, and who attends to them."""
 
     k: torch.Tensor  # (n, nb, L, D)
     v: torch.Tensor  # (n, nb, L, Dv)
-    pos: torch.Tensor  # (1 or n, nb, L) key position
-    counted: torch.Tensor  # (1 or n, nb, L) bool: the slot takes part
-    band: bool  # the band rule applies (else only causality)
+    pos: torch.Tensor  # (1 or n, nb, L) key position, seq_len where unused
+    allowed: torch.Tensor  # (1 or n, nb, bs, L) bool: the sparsity rule for each (query row, slot)
 
 
 def _fold(
@@ -221,7 +226,7 @@ def _fold(
 
     Key slots per query block: the window (band blocks, with the sink copies),
     then the sinks if they did not fit in the rows, then the top-k blocks.
-    Every key a query sees has exactly one counted slot.
+    Every key a query sees has exactly one allowed slot.
     """
     batch, heads, seq_len, dim = q.shape
     n, nb, bs = batch * heads, geo.num_blocks, geo.block_size
@@ -229,34 +234,39 @@ def _fold(
     pad = nb * bs - seq_len
     qf = (F.pad(q, (0, 0, 0, pad)) if pad else q).reshape(n, nb, bs, dim)
     query_pos = torch.arange(nb * bs, device=dev).view(nb, bs)
+    row_ok = (query_pos < seq_len)[None, :, :, None]
 
     k_rows, v_rows = _blocked_rows(k, geo, heads), _blocked_rows(v, geo, heads)
-    pos, counted, band = _window_slots(geo, dev)
-    parts = [_Slots(_window_view(k_rows, geo), _window_view(v_rows, geo), pos[None], counted[None], True)]
-    # The sink copies inside the window are not under the band rule: mark them through `band`.
-    band_flags = [band]
+    wpos, wallowed = _window_layout(geo, dev)
+    parts = [_Slots(_window_view(k_rows, geo), _window_view(v_rows, geo), wpos[None], wallowed[None])]
     if geo.extra_sinks:
         e = geo.extra_sinks
         ks, vs = _per_head(k, heads, e)[:, None], _per_head(v, heads, e)[:, None]
-        epos = torch.arange(e, device=dev).expand(1, nb, e)
-        parts.append(_Slots(ks.expand(n, nb, e, -1), vs.expand(n, nb, e, -1), epos, torch.ones_like(epos, dtype=torch.bool), False))
+        epos = torch.arange(e, device=dev)
+        ok = row_ok & (epos <= query_pos[:, :, None] if geo.is_causal else True)
+        parts.append(_Slots(ks.expand(n, nb, e, -1), vs.expand(n, nb, e, -1), epos.expand(1, nb, e), ok))
     if blocks is not None:
         blk = blocks.reshape(n, nb, -1)
         tpos = (blk[..., None] * bs + torch.arange(bs, device=dev)).flatten(2)
         ok = (blk >= 0).repeat_interleave(bs, dim=-1) & (tpos < seq_len)
-        parts.append(_Slots(_gather_rows(k_rows, geo, blk), _gather_rows(v_rows, geo, blk), tpos, ok, False))
-    band_flags += [torch.zeros(p.pos.shape[-1], dtype=torch.bool, device=dev) for p in parts[1:]]
+        # Causal candidates lie strictly before the query block (its own block is always in
+        # its band), so every key of a chosen block precedes all its queries: no j <= i test.
+        parts.append(
+            _Slots(
+                _gather_rows(k_rows, geo, blk),
+                _gather_rows(v_rows, geo, blk),
+                tpos.masked_fill(~ok, seq_len),
+                ok[:, :, None, :] & row_ok,
+            )
+        )
 
     if len(parts) == 1:
-        kf, vf, key_pos, counted = parts[0].k, parts[0].v, parts[0].pos, parts[0].counted
+        kf, vf, key_pos, allowed = parts[0].k, parts[0].v, parts[0].pos, parts[0].allowed
     else:
         width = max(p.pos.shape[0] for p in parts)
         kf, vf = torch.cat([p.k for p in parts], 2), torch.cat([p.v for p in parts], 2)
         key_pos = torch.cat([p.pos.expand(width, nb, -1) for p in parts], -1)
-        counted = torch.cat([p.counted.expand(width, nb, -1) for p in parts], -1)
-    key_pos = key_pos.masked_fill(~counted, seq_len)
-    allowed = _visible(geo, query_pos, key_pos, torch.cat(band_flags)) & counted[..., None, :]
-    allowed &= (query_pos < seq_len)[:, :, None]
+        allowed = torch.cat([p.allowed.expand(width, nb, bs, -1) for p in parts], -1)
 
     mask: torch.Tensor = allowed
     if attn_mask is not None:
