@@ -25,7 +25,7 @@ from attnrw.errors import ImplementationUnavailableError
 from attnrw.kernels.sparse.layout import check_inputs
 from attnrw.kernels.sparse.reference import sparse_attention_grads, sparse_attention_torch
 
-IMPLS = ("auto", "torch", "triton")
+from attnrw.config import IMPLS  # noqa: E402  (one list of impl names for policies and ops)
 
 
 def _load_triton() -> ModuleType:
