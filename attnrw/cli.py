@@ -117,14 +117,62 @@ def load_model(spec: str, batch: int | None = None, seq_len: int | None = None) 
     )
 
 
+#: Packages whose output types a ``.pt2`` file may name and the CLI imports to read it back.
+#: A program exported from a Hugging Face model returns a ``ModelOutput`` subclass, which is
+#: known to torch's pytree only once its module has been imported.
+PYTREE_TYPE_PACKAGES = ("transformers",)
+
+_UNREGISTERED_RE = re.compile(r"Deserializing ([A-Za-z_][\w.]*)\.[A-Za-z_]\w* in pytree is not registered")
+
+
+class _Capture(logging.Handler):
+    """Keeps the records of a logger (torch.export logs the real cause of a failed load)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text.append(self.format(record))
+
+
+def _export_load(path: Path) -> torch.export.ExportedProgram:
+    """``torch.export.load``, importing the output-type modules of :data:`PYTREE_TYPE_PACKAGES` it needs.
+
+    torch.export logs the cause of a failed load as a warning and raises a
+    generic error; the cause is captured (and kept off stderr) to find an
+    unregistered output type, whose module is imported before one more try.
+    Raises :class:`ModelSpecError` naming the cause when the file cannot be read.
+    """
+    logger = logging.getLogger("torch.export")
+    tried: set[str] = set()
+    while True:
+        capture = _Capture()
+        handlers, logger.handlers = logger.handlers, [capture]
+        propagate, logger.propagate = logger.propagate, False
+        try:
+            return torch.export.load(path)
+        except Exception as e:  # torch raises many types for a bad archive
+            lines = [ln.strip() for ln in "\n".join(capture.text).splitlines() if ln.strip()]
+            match = _UNREGISTERED_RE.search("\n".join(lines))
+            module = match.group(1) if match else None
+            if module is None or module in tried or module.split(".")[0] not in PYTREE_TYPE_PACKAGES:
+                log.debug("torch.export.load said:\n%s", "\n".join(lines))
+                cause = lines[-1] if lines else f"{type(e).__name__}: {e}"
+                raise ModelSpecError(f"cannot read {str(path)!r} with torch.export.load: {cause}") from e
+            tried.add(module)
+            log.info("importing %s to read back the program's output type", module)
+            importlib.import_module(module)
+        finally:
+            logger.handlers = handlers
+            logger.propagate = propagate
+
+
 def _load_pt2(spec: str) -> LoadedModel:
     path = Path(spec)
     if not path.is_file():
         raise ModelSpecError(f"no such .pt2 file: {spec!r}")
-    try:
-        program = torch.export.load(path)
-    except Exception as e:  # torch raises many types for a bad archive
-        raise ModelSpecError(f"cannot read {spec!r} with torch.export.load: {type(e).__name__}: {e}") from e
+    program = _export_load(path)
     example = getattr(program, "example_inputs", None)
     if example is None:
         raise ModelSpecError(
@@ -486,10 +534,31 @@ def _setup_logging(verbosity: int) -> None:
         handler._attnrw_cli = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG)
-    if verbosity == 0:
-        # torch's pytree deprecation, raised from inside torch.export on every HF model output:
-        # nothing a user of the command can act on.
+
+
+#: Loggers of libraries the commands drive whose warnings a user cannot act on (torch.onnx on a
+#: missing torchvision, onnxscript's constant folding); shown again with -v.
+_NOISY_LOGGERS = ("torch.onnx", "onnxscript")
+
+
+@contextlib.contextmanager
+def _quiet_dependencies(verbosity: int) -> Iterator[None]:
+    """Hide the dependencies' internal warnings at verbosity 0, and restore everything after."""
+    if verbosity > 0:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        # torch's pytree deprecation, raised from inside torch.export on every HF model output.
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 def _one_line(e: BaseException) -> str:
@@ -506,7 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     _setup_logging(ns.verbose)
     try:
-        return ns.func(ns)
+        with _quiet_dependencies(ns.verbose):
+            return ns.func(ns)
     except VerificationError as e:
         print(f"attnrw: verification failed: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED

@@ -6,6 +6,7 @@ console script in a subprocess.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import torch
 
 from attnrw import cli
 from attnrw.errors import ModelSpecError
-from tests.zoo import ZOO
+from tests.zoo import ZOO, outputs_to_tensors
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -264,10 +265,112 @@ def test_write_atomically_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+# --- end to end ---------------------------------------------------------------------------
+
+
+def _attnrw_ops(program: torch.export.ExportedProgram) -> int:
+    return sum(1 for n in program.graph.nodes if getattr(n.target, "namespace", None) == "attnrw")
+
+
+def _assert_same_outputs(program: torch.export.ExportedProgram, name: str, **override: torch.Tensor) -> None:
+    """The program's outputs equal the eager model's within 1e-5 (fp32, exact rewrite)."""
+    model, args, kwargs = ZOO[name]()
+    kwargs = {**kwargs, **override}
+    with torch.no_grad():
+        expected = outputs_to_tensors(model(*args, **kwargs))
+        got = outputs_to_tensors(program.module()(*args, **kwargs))
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_factory(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "inspect", "tests.zoo:bert_eager")
+    assert code == 0, err
+    assert "2 attention site(s)" in out and "encoder.layer.1.attention.self" in out
+    code, out, err = run_cli(capsys, "inspect", "tests.zoo:bert_eager", "--json")
+    assert code == 0, err
+    assert [s["module_path"] for s in json.loads(out)["sites"]] == [
+        "encoder.layer.0.attention.self",
+        "encoder.layer.1.attention.self",
+    ]
+
+
+def test_rewrite_round_trip_and_force(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "bert.pt2"
+    code, stdout, err = run_cli(capsys, "rewrite", "tests.zoo:bert_eager", "-o", str(out))
+    assert code == 0, err
+    assert "2 call(s) to torch.ops.attnrw" in stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["bert.pt2"], "no temporary file is left behind"
+    program = torch.export.load(out)
+    assert _attnrw_ops(program) == 2
+    _assert_same_outputs(program, "bert_eager")
+
+    before = out.stat().st_mtime_ns
+    code, _, err = run_cli(capsys, "rewrite", "tests.zoo:bert_eager", "-o", str(out), "--force")
+    assert code == 0, err
+    assert out.stat().st_mtime_ns != before
+
+
+def test_rewrite_dynamic_seq(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "bert_dyn.pt2"
+    code, _, err = run_cli(capsys, "rewrite", "tests.zoo:bert_sdpa", "-o", str(out), "--dynamic-seq")
+    assert code == 0, err
+    program = torch.export.load(out)
+    ids = torch.randint(1, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    _assert_same_outputs(program, "bert_sdpa", input_ids=ids, attention_mask=mask)
+
+
+def test_rewrite_sparse_policy(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "gpt2_sparse.pt2"
+    flags = ["--policy", "sparse", "--window", "4", "--sinks", "1"]
+    code, stdout, err = run_cli(capsys, "rewrite", "tests.zoo:gpt2_eager", "-o", str(out), *flags)
+    assert code == 0, err
+    assert "policy sparse" in stdout
+    program = torch.export.load(out)
+    assert _attnrw_ops(program) == 2
+    _, args, kwargs = ZOO["gpt2_eager"]()
+    with torch.no_grad():
+        assert all(t.isfinite().all() for t in outputs_to_tensors(program.module()(*args, **kwargs)))
+
+
+def test_pt2_model_form(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model, args, kwargs = ZOO["mha_cross_batch_first"]()
+    torch.export.save(torch.export.export(model, args, kwargs), tmp_path / "mha.pt2")
+    code, out, err = run_cli(capsys, "inspect", str(tmp_path / "mha.pt2"))
+    assert code == 0, err
+    assert "1 attention site(s)" in out
+    code, _, err = run_cli(capsys, "rewrite", str(tmp_path / "mha.pt2"), "-o", str(tmp_path / "mha.attnrw.pt2"))
+    assert code == 0, err
+    _assert_same_outputs(torch.export.load(tmp_path / "mha.attnrw.pt2"), "mha_cross_batch_first")
+
+
+def test_hf_folder_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    _save_hf("bert_eager", tmp_path / "bert")
+    code, out, err = run_cli(capsys, "inspect", f"hf:{tmp_path / 'bert'}", "--seq-len", "8", "--batch", "2")
+    assert code == 0, err
+    assert "2 attention site(s)" in out
+
+
+def test_export_onnx(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "bert.onnx"
+    code, stdout, err = run_cli(capsys, "export", "tests.zoo:bert_sdpa", "-o", str(out))
+    assert code == 0, err
+    assert "verified in onnxruntime" in stdout and out.stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["bert.onnx"]
+
+
 # --- the console script -----------------------------------------------------------------
 
 
 def test_console_script_smoke(tmp_path: Path) -> None:
+    """The installed ``attnrw`` script: a usage error, and reading back a rewritten HF program.
+
+    A fresh process has not imported transformers, whose output types the program names.
+    """
     script = Path(sys.executable).with_name("attnrw")
     if not script.exists():
         pytest.skip("the attnrw console script is not installed (pip install -e .)")
@@ -276,3 +379,13 @@ def test_console_script_smoke(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "cannot use MODEL" in bad.stderr
+
+    model, args, kwargs = ZOO["bert_eager"]()
+    torch.export.save(torch.export.export(model, args, kwargs), tmp_path / "bert.pt2")
+    ok = subprocess.run(
+        [str(script), "inspect", str(tmp_path / "bert.pt2")],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "2 attention site(s)" in ok.stdout
+    assert ok.stderr.strip() == "", "no warnings at the default verbosity"
