@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
 import torch
 from torch.utils import _pytree as pytree
 
@@ -167,6 +168,7 @@ def export_program(
                 opset_version=opset,
                 custom_translation_table=table,
                 verbose=False,
+                optimize=False,  # done below, without the fusions that break dynamic lengths
             )
     except Exception as e:
         inner = _unwrap_attnrw_error(e)
@@ -178,7 +180,29 @@ def export_program(
             logger.debug("torch.onnx.export: %s", chatter.getvalue().strip())
     if onnx_program is None:  # only for the legacy exporter; kept for the type checker
         raise RuntimeError("torch.onnx.export returned no program")
+    _optimize(onnx_program.model)
     return onnx_program
+
+
+def _optimize(model: Any) -> None:
+    """What ``torch.onnx.export(optimize=True)`` does, minus the opset-23 fusions on dynamic shapes.
+
+    The exporter's optimizer also fuses RMSNorm / RoPE / GQA patterns into
+    opset-23 ops. With a dynamic sequence its ``RotaryEmbedding`` fusion hands
+    onnxruntime cos/sin caches of batch 1 without position ids, which
+    onnxruntime 1.32 rejects at run time (HF Llama: "Inputs 'cos_cache' and
+    'sin_cache' are expected to have the same shape as input 'x'"). Static
+    exports keep the fusions; verification checks them either way.
+    """
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+
+    onnxscript.optimizer.optimize_ir(model)
+    dynamic = any(isinstance(d, ir.SymbolicDim) for v in model.graph.inputs if v.shape is not None for d in v.shape)
+    if dynamic:
+        logger.debug("dynamic input shapes: skipping the opset-23 RMSNorm/RoPE/GQA fusions")
+    else:
+        onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
 def _check_destination(path: Path, force: bool) -> None:
