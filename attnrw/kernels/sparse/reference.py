@@ -243,7 +243,7 @@ def _fold(
         e = geo.extra_sinks
         ks, vs = _per_head(k, heads, e)[:, None], _per_head(v, heads, e)[:, None]
         epos = torch.arange(e, device=dev)
-        ok = row_ok & (epos <= query_pos[:, :, None] if geo.is_causal else True)
+        ok = (row_ok & (epos <= query_pos[:, :, None] if geo.is_causal else row_ok)).expand(1, nb, bs, e)
         parts.append(_Slots(ks.expand(n, nb, e, -1), vs.expand(n, nb, e, -1), epos.expand(1, nb, e), ok))
     if blocks is not None:
         blk = blocks.reshape(n, nb, -1)
