@@ -13,9 +13,12 @@ from __future__ import annotations
 import importlib.resources
 import os
 import time
+import warnings
 from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A deprecation inside torch's pytree, raised on every HF model output under torch.export.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 import torch  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
