@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from attnrw.patterns.graph import ancestors as _ancestors
 from attnrw.patterns.graph import aten, is_cast, is_order_preserving, tensor_val
 
 log = logging.getLogger("attnrw.patterns")
@@ -47,10 +48,13 @@ class MatchContext:
         gm: GraphModule,
         values: Mapping[Node, Any] | None = None,
         user_inputs: set[Node] | None = None,
+        constants: set[Node] | None = None,
     ) -> None:
         self.gm = gm
         self._values: dict[Node, Any] = dict(values or {})
         self.user_inputs = set(user_inputs or ())
+        self.constants = set(constants or ())
+        self._constant: dict[Node, bool] = {}
         self._failed: set[Node] = set()
         self._static: dict[Node, bool] = {}
         self._roots: dict[Node, frozenset[Node]] = {}
@@ -146,6 +150,22 @@ class MatchContext:
                 self._static[n] = all(self._static.get(i, False) for i in n.all_input_nodes)
         return self._static[node]
 
+    def is_constant(self, node: Node) -> bool:
+        """Whether a node's value is fixed: built from literals and constant tensors only.
+
+        Parameters and buffers are not constants (training or the user may
+        change them), so their values are never baked into a rewrite.
+        """
+        if node in self._constant:
+            return self._constant[node]
+        ok = True
+        for n in ancestors_of(node):
+            if n.op == "placeholder" and n not in self.constants:
+                ok = False
+                break
+        self._constant[node] = ok
+        return ok
+
     def token_roots(self, node: Node) -> frozenset[Node]:
         """The nodes a tensor comes from through token-wise ops only (projections, norms, pointwise, views).
 
@@ -186,3 +206,7 @@ class MatchContext:
         if is_order_preserving(n) or is_cast(n) or name in _POINTWISE_PREFIXES:
             return [i for i in n.all_input_nodes if not self.is_static(i) and tensor_val(i) is not None]
         return []
+
+
+def ancestors_of(node: Node) -> set[Node]:
+    return _ancestors([node])

@@ -50,6 +50,7 @@ from attnrw.patterns.graph import (
     same_shape,
     shape,
     tensor_val,
+    val,
 )
 from attnrw.patterns.masks import canonical_mask, classify_mask
 from attnrw.patterns.match import (
@@ -72,18 +73,29 @@ _MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
 
 
 def _scalar(x: Any, ctx: MatchContext) -> float | None:
-    """A Python number, or the value of a 0-dim constant tensor node; None otherwise."""
+    """A Python number, or the value of a constant 0-dim tensor (never a parameter); None otherwise."""
     if isinstance(x, bool):
         return None
     if isinstance(x, (int, float)):
         return float(x)
     if isinstance(x, Node):
         t = tensor_val(x)
-        if t is not None and t.dim() == 0 and ctx.is_static(x):
+        if t is not None and t.dim() == 0 and ctx.is_constant(x):
             v = ctx.value(x)
             if isinstance(v, torch.Tensor) and v.numel() == 1:
                 return float(v.item())
     return None
+
+
+def _runtime_scalar(x: Any) -> bool:
+    """A scalar known only at run time: a SymFloat (dynamo lifts float attributes under
+    ``dynamic=True``) or a 0-dim tensor. It is folded into the queries, not baked in."""
+    if not isinstance(x, Node):
+        return False
+    v = val(x)
+    if isinstance(v, (torch.SymFloat, torch.SymInt)):
+        return True
+    return isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point()
 
 
 def _reaches_product(node: Any, rows: Any, cols: Any, depth: int = 24) -> bool:
@@ -114,6 +126,8 @@ class _ScoreChain:
         self.ctx = ctx
         self.rows, self.cols = rows, cols
         self.scale = 1.0
+        # Scale factors only known at run time (nodes), folded into q.
+        self.runtime: list[Node] = []
         # (term, frame shape, factor): term added to the scores in that frame,
         # multiplied by the scales applied after it.
         self.terms: list[tuple[Any, tuple, float]] = []
@@ -148,6 +162,8 @@ class _ScoreChain:
         if isinstance(term, Node) and _reaches_product(term, self.rows, self.cols, depth=8):
             # A bias built from the scores themselves is not a mask we can pass in.
             raise NoMatch("a term added to the scores depends on the scores")
+        for r in self.runtime:
+            term = E.mul(term, r)
         self.terms.append((term, frame, self.scale))
 
     def _step(self, node: Node, frame: tuple) -> Any:
@@ -169,12 +185,16 @@ class _ScoreChain:
         if t in (aten.mul.Tensor, aten.div.Tensor):
             a, b = node.args[:2]
             score, (other,) = self._pick(node, [a, b])
+            if t is aten.div.Tensor and score is not a:
+                raise NoMatch(f"{node.name}: a constant is divided by the scores")
             c = _scalar(other, self.ctx)
+            if c is None and _runtime_scalar(other):
+                factor = other if t is aten.mul.Tensor else E.Expr(aten.reciprocal.default, (other,))
+                self.runtime.append(factor)
+                return score
             if c is None:
                 raise NoMatch(f"{node.name}: the scores are scaled by a tensor, not a constant")
             if t is aten.div.Tensor:
-                if score is not a:
-                    raise NoMatch(f"{node.name}: a constant is divided by the scores")
                 c = 1.0 / c
             if not (c > 0 and math.isfinite(c)):
                 raise NoMatch(f"{node.name}: scale {c} is not a positive finite number")
@@ -320,6 +340,11 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     if isinstance(k, Node):
         k = peel_to_shape(k, (*xb, cols, head_dim)) or k
     scale *= q_pre * k_pre
+    report_scale = scale
+    for r in chain.runtime:
+        q = E.mul(q, r)
+        rv = E.evaluate(r, lambda n: ctx.value(n) if ctx.value(n) is not None else val(n))
+        report_scale *= float(rv)
 
     dtypes = {tensor_val(n).dtype for n in (a_node, b_node, pv.args[1]) if tensor_val(n) is not None}
     if len(dtypes) > 1:
@@ -340,8 +365,10 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     qc, kc, vc = canonical_bh(q, len(xb)), canonical_bh(k, len(xb)), canonical_bh(v, len(xb))
     out = from_canonical_bh(E.RESULT, xb, q)
     if not same_shape(pm_shape[:-2], xb):
-        nb = pm_shape[:-2]
-        if not all(isinstance(d, int) for d in nb):
+        # Back to the batch axes of the product with values; a single
+        # dynamic axis is inferred (-1), more cannot be expressed here.
+        nb = [d if isinstance(d, int) else -1 for d in pm_shape[:-2]]
+        if nb.count(-1) > 1:
             raise NoMatch("cannot express the output layout with dynamic sizes")
         out = E.reshape(out, [*nb, E.SizeOf(E.RESULT, 2), E.SizeOf(E.RESULT, 3)])
     if out_dtype != dtypes.pop():
@@ -357,7 +384,7 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
         kv_len=hint(cols),
         head_dim=hint(head_dim),
         v_head_dim=hint(v_dim),
-        scale=float(scale),
+        scale=float(report_scale),
         causal=mask_info.causal,
         mask=mask_info.kind,
         dropout_p=0.0,

@@ -104,6 +104,7 @@ def export_context(ep: torch.export.ExportedProgram, args: tuple | None, kwargs:
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values: dict[Node, Any] = {}
     user: set[Node] = set()
+    constants: set[Node] = set()
     flat_user: list[Any] | None = None
     if args is not None:
         flat_user = list(torch.utils._pytree.tree_leaves((tuple(args), dict(kwargs or {}))))
@@ -128,10 +129,11 @@ def export_context(ep: torch.export.ExportedProgram, args: tuple | None, kwargs:
             if t is not None:
                 values[node] = t.detach()
         elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            constants.add(node)
             t = ep.constants.get(spec.target)
             if isinstance(t, torch.Tensor):
                 values[node] = t.detach()
-    return MatchContext(gm, values, user)
+    return MatchContext(gm, values, user, constants)
 
 
 def sync_output_signature(ep: torch.export.ExportedProgram) -> None:
