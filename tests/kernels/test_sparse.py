@@ -236,6 +236,24 @@ def test_gradients_match_reference(seq, causal, sinks, topk, mask_kind):
         torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+def test_small_chunks_match_reference(monkeypatch):
+    """Work split into one chunk per (batch, kv head) and a few query blocks per backward step."""
+    from attnrw.kernels.sparse import reference
+
+    monkeypatch.setattr(reference, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(reference, "_BACKWARD_CHUNK_ELEMS", 1)
+    q, k, v = (t.requires_grad_() for t in make_inputs(45))
+    mask = torch.randn(BATCH, HEADS, 45, 45, requires_grad=True)
+    out = op(q, k, v, mask, True, 0.25, WINDOW, 3, 2, BLOCK, "torch")
+    ref = reference_attention(q, k, v, reference_allowed(q.detach(), k.detach(), BLOCK, WINDOW, 3, 2, True), mask, 0.25)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, [q, k, v, mask], grad_out)
+    want = torch.autograd.grad(ref, [q, k, v, mask], grad_out.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5)
+
+
 def test_bool_mask_gets_no_gradient():
     q, k, v = (t.requires_grad_() for t in make_inputs(20))
     out = op(q, k, v, make_mask("padding", 20), False, 0.25, 8, 1, 0, 8, "torch")

@@ -34,6 +34,7 @@ used, through its broadcast view.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,10 @@ import torch.nn.functional as F
 
 from attnrw.kernels.sparse.layout import band_reach, cdiv, check_inputs, select_blocks
 
-#: Upper bound on elements of one fp32 score chunk in the backward (keeps memory bounded).
-_BACKWARD_CHUNK_ELEMS = 1 << 25
+#: Bytes of block rows (the copy of K and V) one chunk of work may hold; see _chunks.
+_CHUNK_BYTES = 16 << 20
+#: Elements of one score matrix in the backward, which materialises it (keeps memory bounded).
+_BACKWARD_CHUNK_ELEMS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,16 @@ def _window_layout(geo: _Geometry, device: torch.device) -> tuple[torch.Tensor, 
     return pos, allowed
 
 
+@functools.lru_cache(maxsize=16)
+def _window_bias(geo: _Geometry, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The window's allowed mask as an additive 0 / -inf mask (nb, bs, L_window) in ``dtype``.
+
+    SDPA would otherwise convert the bool mask to this on every call.
+    """
+    _, allowed = _window_layout(geo, device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
 def _gather_rows(rows: torch.Tensor, geo: _Geometry, blocks: torch.Tensor) -> torch.Tensor:
     """Key blocks ``blocks`` (n, nb, kk) of the block rows (n, rows, P, D) -> (n, nb, kk * bs, D)."""
     n = rows.shape[0]
@@ -269,7 +282,9 @@ def _fold(
         allowed = torch.cat([p.allowed.expand(width, nb, bs, -1) for p in parts], -1)
 
     mask: torch.Tensor = allowed
-    if attn_mask is not None:
+    if attn_mask is None and len(parts) == 1:
+        mask = _window_bias(geo, dev, q.dtype)[None]
+    elif attn_mask is not None:
         idx, m4 = _user_mask_index(attn_mask, batch, heads, query_pos, key_pos)
         user = m4[idx]
         if user.dtype == torch.bool:
@@ -279,14 +294,60 @@ def _fold(
     return _Folded(qf, kf, vf, mask, query_pos, key_pos, attn_mask is not None)
 
 
-def _unfold_output(out: torch.Tensor, batch: int, heads: int, seq_len: int) -> torch.Tensor:
-    """(n, nb, bs, Dv) -> (batch, heads, S, Dv)."""
-    return out.reshape(batch, heads, -1, out.shape[-1])[:, :, :seq_len]
-
-
 def _visible_rows(mask: torch.Tensor) -> torch.Tensor:
     """(.., bs, L) combined mask -> (.., bs) bool: the row sees at least one key."""
     return mask.any(-1) if mask.dtype == torch.bool else (mask != float("-inf")).any(-1)
+
+
+@dataclass
+class _Chunk:
+    """One batch element and a group of kv heads with their query heads: inputs sliced to (1, h, S, .)."""
+
+    batch: int
+    heads: slice  # query heads
+    kv_heads: slice
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None  # broadcastable to (1, h, S, S)
+    mask_index: tuple[slice, slice]  # where ``mask`` sits in the 4-D view of the whole mask
+    blocks: torch.Tensor | None  # (1, h, nb, kk)
+
+
+def _chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    blocks: torch.Tensor | None,
+    geo: _Geometry,
+) -> Iterator[_Chunk]:
+    """Split the work by batch element and by groups of kv heads (with all their query heads).
+
+    The block rows are a copy of K and V. Kept to about ``_CHUNK_BYTES`` a
+    chunk, they come back from the allocator's heap on the next chunk and the
+    next call; larger buffers are fresh mmap pages (glibc's threshold is at
+    most 32 MiB) whose page faults cost as much as the copy itself.
+    """
+    batch, heads = q.shape[:2]
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    rows = geo.num_blocks + geo.before + geo.after
+    per_kv_head = group * rows * geo.row_len * (k.shape[-1] + v.shape[-1]) * k.element_size()
+    step = max(1, _CHUNK_BYTES // per_kv_head)
+    m4 = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    for b in range(batch):
+        for h0 in range(0, kv_heads, step):
+            kvs = slice(h0, min(h0 + step, kv_heads))
+            hs = slice(kvs.start * group, kvs.stop * group)
+            mask, where = None, (slice(None), slice(None))
+            if m4 is not None:
+                where = (slice(b, b + 1) if m4.shape[0] > 1 else slice(None), hs if m4.shape[1] > 1 else slice(None))
+                mask = m4[where]
+            yield _Chunk(
+                b, hs, kvs, q[b : b + 1, hs], k[b : b + 1, kvs], v[b : b + 1, kvs], mask, where,
+                None if blocks is None else blocks[b : b + 1, hs],
+            )  # fmt: skip
 
 
 def sparse_attention_torch(
@@ -311,13 +372,16 @@ def sparse_attention_torch(
     batch, heads, seq_len, _ = q.shape
     geo = _geometry(seq_len, block_size, window, sinks, is_causal)
     blocks = select_blocks(q, k, topk, block_size, window, sinks, is_causal)
-    f = _fold(q, k, v, attn_mask, geo, blocks)
-    # One 4-D SDPA call: query blocks are the "heads" axis (5-D inputs take a slow path).
-    out = F.scaled_dot_product_attention(f.q, f.k, f.v, attn_mask=f.mask, scale=scale)
-    if f.has_user_mask:
-        # Backends differ on rows with no key (0 or NaN); the op's contract is 0.
-        out = out.masked_fill(~_visible_rows(f.mask)[..., None], 0.0)
-    return _unfold_output(out, batch, heads, seq_len)
+    out = q.new_empty((batch, heads, seq_len, v.shape[-1]))
+    for c in _chunks(q, k, v, attn_mask, blocks, geo):
+        f = _fold(c.q, c.k, c.v, c.mask, geo, c.blocks)
+        # One 4-D SDPA call: query blocks are the "heads" axis (5-D inputs take a slow path).
+        o = F.scaled_dot_product_attention(f.q, f.k, f.v, attn_mask=f.mask, scale=scale)
+        if f.has_user_mask:
+            # Backends differ on rows with no key (0 or NaN); the op's contract is 0.
+            o = o.masked_fill(~_visible_rows(f.mask)[..., None], 0.0)
+        out[c.batch, c.heads] = o.flatten(1, 2)[:, :seq_len]
+    return out
 
 
 def sparse_attention_grads(
@@ -340,60 +404,61 @@ def sparse_attention_grads(
     the forward (fp32 for half inputs), then scatters key and value
     gradients back to their positions. The top-k choice is treated as a
     constant. Returns (dq, dk, dv, dmask); dmask has ``attn_mask``'s shape
-    when ``mask_grad``, else it is empty. Memory is bounded by processing the
-    (batch · heads) axis in chunks.
+    when ``mask_grad``, else it is empty. Memory is bounded by going through
+    the same chunks as the forward, and groups of query blocks within them.
     """
     check_inputs(q, k, v, attn_mask, window, sinks, topk, block_size)
     batch, heads, seq_len, dim = q.shape
-    kv_heads = k.shape[1]
+    group = heads // k.shape[1]
     geo = _geometry(seq_len, block_size, window, sinks, is_causal)
     blocks = select_blocks(q, k, topk, block_size, window, sinks, is_causal)
-    f = _fold(q, k, v, attn_mask, geo, blocks)
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    n, nb, bs = f.q.shape[:3]
-    slots = f.k.shape[2]
-    pad = nb * bs - seq_len
-    g_all = (F.pad(grad_out, (0, 0, 0, pad)) if pad else grad_out).reshape(n, nb, bs, -1)
-
-    dq = q.new_empty((n, nb, bs, dim), dtype=acc)
-    # One extra row per (n) catches the unused slots (position seq_len), whose gradients are 0.
-    dk = torch.zeros(n, seq_len + 1, dim, dtype=acc, device=q.device)
-    dv = torch.zeros(n, seq_len + 1, v.shape[-1], dtype=acc, device=q.device)
-    dm = None
+    pad = geo.num_blocks * geo.block_size - seq_len
+    g_all = F.pad(grad_out, (0, 0, 0, pad)) if pad else grad_out
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    # One extra key row catches the unused slots (position seq_len), whose gradients are 0.
+    dk = torch.zeros(batch, heads, seq_len + 1, dim, dtype=acc, device=q.device)
+    dv = torch.zeros(batch, heads, seq_len + 1, v.shape[-1], dtype=acc, device=q.device)
+    dm4 = None
     if mask_grad and attn_mask is not None:
-        idx_all, m4 = _user_mask_index(attn_mask, batch, heads, f.query_pos, f.key_pos)
-        dm = torch.zeros(m4.shape, dtype=acc, device=q.device)
-    chunk = max(1, _BACKWARD_CHUNK_ELEMS // max(1, nb * bs * slots))
-    for lo in range(0, n, chunk):
-        sl = slice(lo, min(lo + chunk, n))
-        qc, kc, vc, g = (t[sl].to(acc) for t in (f.q, f.k, f.v, g_all))
-        mask = f.mask if f.mask.shape[0] == 1 else f.mask[sl]
-        s = (qc @ kc.transpose(-1, -2)) * scale
-        if mask.dtype == torch.bool:
-            s = s.masked_fill(~mask, float("-inf"))
-        else:
-            s = s + mask.to(acc)
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0))
-        o = p @ vc
-        dp = g @ vc.transpose(-1, -2)
-        ds = p * (dp - (g * o).sum(-1, keepdim=True))
-        dq[sl] = (ds @ kc) * scale
-        rows = torch.arange(sl.start, sl.stop, device=q.device)[:, None, None]
-        kpos = f.key_pos if f.key_pos.shape[0] == 1 else f.key_pos[sl]
-        dk[sl].index_put_((rows - sl.start, kpos.expand(rows.shape[0], -1, -1)), (ds.transpose(-1, -2) @ qc) * scale, accumulate=True)
-        dv[sl].index_put_((rows - sl.start, kpos.expand(rows.shape[0], -1, -1)), p.transpose(-1, -2) @ g, accumulate=True)
-        if dm is not None:
-            idx = tuple(t if t.shape[0] == 1 else t[sl] for t in idx_all)
-            # Sum over the axes the mask broadcasts along, then scatter into its own shape.
-            target = torch.broadcast_shapes(*(t.shape for t in idx))
-            dims = [d for d in range(4) if target[d] == 1 and ds.shape[d] != 1]
-            dm.index_put_(idx, ds.sum(dim=dims, keepdim=True) if dims else ds, accumulate=True)  # sum(dim=[]) sums all
+        dm4 = torch.zeros((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape), dtype=acc, device=q.device)
+    for c in _chunks(q, k, v, attn_mask, blocks, geo):
+        f = _fold(c.q, c.k, c.v, c.mask, geo, c.blocks)
+        n, nb, bs = f.q.shape[:3]
+        g_c = g_all[c.batch, c.heads].reshape(n, nb, bs, -1)
+        dq_c = torch.empty(n, nb, bs, dim, dtype=acc, device=q.device)
+        dk_c, dv_c = dk[c.batch, c.heads], dv[c.batch, c.heads]  # views: scattered into in place
+        idx_all = None
+        if dm4 is not None and c.mask is not None:
+            idx_all, _ = _user_mask_index(c.mask, 1, n, f.query_pos, f.key_pos)
+        step = max(1, _BACKWARD_CHUNK_ELEMS // (n * bs * f.k.shape[2]))
+        for b0 in range(0, nb, step):
+            sl = slice(b0, min(b0 + step, nb))
+            qc, kc, vc, gc = (t[:, sl].to(acc) for t in (f.q, f.k, f.v, g_c))
+            mask = f.mask if f.mask.shape[1] == 1 else f.mask[:, sl]
+            s = (qc @ kc.transpose(-1, -2)) * scale
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
+            lse = torch.logsumexp(s, dim=-1, keepdim=True)
+            p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0))  # rows seeing nothing: p = 0
+            dp = gc @ vc.transpose(-1, -2)
+            ds = p * (dp - (gc * (p @ vc)).sum(-1, keepdim=True))
+            dq_c[:, sl] = (ds @ kc) * scale
+            kpos = f.key_pos[:, sl].expand(n, -1, -1)
+            rows = torch.arange(n, device=q.device)[:, None, None]
+            dk_c.index_put_((rows, kpos), (ds.transpose(-1, -2) @ qc) * scale, accumulate=True)
+            dv_c.index_put_((rows, kpos), p.transpose(-1, -2) @ gc, accumulate=True)
+            if idx_all is not None and dm4 is not None:
+                idx = tuple(t if t.shape[1] == 1 else t[:, sl] for t in idx_all)
+                # Sum over the axes the mask broadcasts along, then scatter into its own shape.
+                target = torch.broadcast_shapes(*(t.shape for t in idx))
+                dims = [d for d in range(4) if target[d] == 1 and ds.shape[d] != 1]
+                dsum = ds.sum(dim=dims, keepdim=True) if dims else ds  # sum(dim=[]) would sum all
+                dm4[c.mask_index].index_put_(idx, dsum, accumulate=True)
+        dq[c.batch, c.heads] = dq_c.flatten(1, 2)[:, :seq_len]
 
-    dq_out = _unfold_output(dq, batch, heads, seq_len)
-    dk_out = dk[:, :seq_len].view(batch, kv_heads, heads // kv_heads, seq_len, dim).sum(2)
-    dv_out = dv[:, :seq_len].view(batch, kv_heads, heads // kv_heads, seq_len, -1).sum(2)
+    dk_out = dk[:, :, :seq_len].unflatten(1, (-1, group)).sum(2)
+    dv_out = dv[:, :, :seq_len].unflatten(1, (-1, group)).sum(2)
     dmask = q.new_empty(0)
-    if dm is not None and attn_mask is not None:
-        dmask = dm.reshape(attn_mask.shape).to(attn_mask.dtype)
-    return dq_out.to(q.dtype), dk_out.to(k.dtype), dv_out.to(v.dtype), dmask
+    if dm4 is not None and attn_mask is not None:
+        dmask = dm4.reshape(attn_mask.shape).to(attn_mask.dtype)
+    return dq.to(q.dtype), dk_out.to(k.dtype), dv_out.to(v.dtype), dmask
