@@ -152,9 +152,13 @@ def export_program(
     args: tuple,
     kwargs: dict | None,
     opset: int,
+    table: Mapping[Any, Callable[..., Any]] | None = None,
 ) -> Any:
-    """``torch.onnx.export`` of a program with attnrw's translations; returns the ``ONNXProgram``."""
-    table = translation_table(opset)
+    """``torch.onnx.export`` of a program with attnrw's translations; returns the ``ONNXProgram``.
+
+    ``table`` replaces :func:`translation_table` (benchmarks swap in other chunk sizes).
+    """
+    table = dict(translation_table(opset) if table is None else table)
     check_translatable(program, table)
     # The exporter reports progress with print(); the library never prints, so it goes to the log.
     chatter = io.StringIO()

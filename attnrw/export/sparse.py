@@ -2,23 +2,23 @@
 
 The window is exported in O(S·W) standard operators, never as an S×S matrix:
 
-1. The sequence is cut into chunks of ``C`` queries; the chunks are folded
-   into a batch axis: q (B, H, S, D) -> (B, H, nb, C, D), after padding S up
-   to ``nb·C``.
-2. Each query chunk attends to the key chunks its band can reach: ``before``
-   chunks behind it and ``after`` ahead (0 for causal), plus its own. Keys are
-   padded by ``before·C`` in front so that chunk ``b``'s keys are
-   ``nk = before + 1 + after`` consecutive chunks starting at chunk ``b`` of
-   the padded keys: ``nk`` slices concatenated, (B, H, nb, nk·C, D).
-3. The first ``sinks`` keys are concatenated in front of every chunk's keys.
-4. Which of those (C, sinks + nk·C) scores are visible is built in-graph from
-   ``Range`` outputs and the dynamic length: the band edges (a constant,
-   since they depend only on the offset inside the chunk), padded keys, sink
+1. The sequence is cut into chunks of ``C`` queries (S padded up to
+   ``nb·C``), and the chunks are folded into the batch axis.
+2. Each query chunk reads the keys its band can reach: the ``sinks`` first
+   keys, then ``nk = before + 1 + after`` key chunks around its own
+   (``after = 0`` for causal) — ``K = sinks + nk·C`` key rows per chunk,
+   read with one ``Gather`` of in-graph positions (no padded or sliced copies).
+3. Which of the (C, K) scores are visible is built in-graph from ``Range``
+   outputs and the dynamic length: the band edges (a constant: they depend
+   only on the offset inside the chunk), positions outside the sequence, sink
    keys that must not count twice, the causal limit on sinks, and the site's
    own mask gathered at exactly those (query, key) positions.
+4. At opset >= 23 the chunks are the batch of one standard ``Attention``
+   node (onnxruntime's fused CPU kernel); below, MatMul / Where / Softmax /
+   MatMul on the same chunks.
 
 So a dynamic sequence length works, and the biggest tensor is
-(B, H, nb, C, sinks + nk·C). Semantics (of the op; ``Sparse`` in config.py):
+(B, H, nb, C, K). Semantics (of the op; ``Sparse`` in config.py):
 q_len == kv_len == S; causal: query ``i`` sees ``i - window < j <= i``;
 bidirectional: ``|i - j| <= window // 2``; both also see keys ``j < sinks``
 (causal: still ``j <= i``); the mask applies on top; a query that sees no
@@ -34,8 +34,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from onnxscript import opset18 as op
+from onnxscript import opset23 as op23
 
+from attnrw.config import DEFAULT_BLOCK_SIZE
 from attnrw.errors import ConfigError
+from attnrw.export.dense import ATTENTION_OPSET
 from attnrw.export._graph import (
     Value,
     const,
@@ -93,21 +96,29 @@ class BandLayout:
         return np.abs(rel) <= self.window // 2
 
 
-def plan_layout(window: int, causal: bool, seq_len: int | None = None, chunk: int | None = None) -> BandLayout:
-    """Choose the chunk size for a window.
+def plan_layout(
+    window: int,
+    causal: bool,
+    seq_len: int | None = None,
+    chunk: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> BandLayout:
+    """Choose the chunk size ``C`` for a window.
 
-    ``reach`` is how far the band extends on one side of a query. A chunk as
-    long as the reach needs one neighbour chunk per side: 2·reach keys per
-    query for a causal band of ``window`` keys, 1.5·window for a bidirectional
-    one, in few large MatMuls (benchmarks/bench_onnx.py compares sizes). With
-    a static ``seq_len`` the reach is clipped to the sequence, so short
-    sequences are not padded to a long window.
+    ``reach`` is how far the band extends on one side of a query; a query
+    chunk then reads ``reach + C`` keys per query (plus the sinks), and the
+    gathered key rows cost ``D / C`` of the score work. The default ``C`` is
+    the op's ``block_size`` (``Sparse.block_size``, 64), shrunk to the reach
+    for short windows: at S=8192, W=256, H=8, D=64 chunks of 64 and 128 ran
+    within noise of each other and 256 slower (benchmarks/bench_onnx.py
+    --chunks). With a static ``seq_len`` the reach is clipped to the
+    sequence, so short sequences are not padded to a long window.
     """
     reach = window - 1 if causal else window // 2
     if seq_len is not None:
         reach = min(reach, max(seq_len - 1, 0))
     if chunk is None:
-        chunk = max(reach, MIN_CHUNK)
+        chunk = max(MIN_CHUNK, min(block_size, reach))
         if seq_len is not None:
             chunk = max(1, min(chunk, seq_len))
     before = math.ceil(reach / chunk) if reach > 0 else 0
@@ -133,7 +144,9 @@ def sparse_translation(opset: int, chunk: int | None = None) -> Callable[..., Va
         block_size: int = 64,
         impl: str = "auto",
     ) -> Value:
-        return sparse_attention_graph(q, k, v, attn_mask, is_causal, scale, window, sinks, topk, chunk=chunk)
+        return sparse_attention_graph(
+            q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size, chunk=chunk, opset=opset
+        )
 
     return sparse_attention
 
@@ -148,85 +161,168 @@ def sparse_attention_graph(
     window: int,
     sinks: int,
     topk: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     chunk: int | None = None,
+    opset: int = ATTENTION_OPSET,
 ) -> Value:
-    """Trace the chunked window (see the module docstring) and return (B, H, S, Dv)."""
+    """Trace the chunked window (see the module docstring) and return (B, H, S, Dv).
+
+    At opset >= 23 every chunk is one batch entry of a single standard
+    ``Attention`` node (onnxruntime's fused kernel: no score tensor goes
+    through memory between MatMul, mask, Softmax and MatMul); below, the same
+    chunks go through MatMul / Where / Softmax / MatMul.
+    """
     check_exportable(topk)
-    heads = static_dim(q, 1)
-    if heads is None:
-        raise ValueError("the number of query heads must be static to export sparse attention")
+    heads, kv_heads = static_dim(q, 1), static_dim(k, 1)
+    if heads is None or kv_heads is None:
+        raise ValueError("the numbers of query and key/value heads must be static to export sparse attention")
     s_q, s_k = static_dim(q, 2), static_dim(k, 2)
     if s_q is not None and s_k is not None and s_q != s_k:
         raise ValueError(f"sparse attention needs q_len == kv_len, got {s_q} and {s_k}")
-    layout = plan_layout(int(window), bool(is_causal), s_q, chunk)
+    layout = plan_layout(int(window), bool(is_causal), s_q, chunk, int(block_size))
+    band = _band_positions(layout, dim(q, 2), sinks, is_causal)
+    if attn_mask is not None:
+        gathered = _gather_mask(attn_mask, band.q_pos, band.k_pos, band.seq)
+        is_bool = attn_mask.dtype == ir.DataType.BOOL
+        mask_heads = static_dim(attn_mask, -3) if rank(attn_mask) >= 3 else 1
+    else:
+        gathered, is_bool, mask_heads = None, True, 1
+    if mask_heads is None:
+        raise ValueError("the head axis of an attention mask must be static (1 or the number of heads)")
+    if opset >= ATTENTION_OPSET:
+        return _chunks_through_attention_op(q, k, v, scale, layout, band, gathered, is_bool, mask_heads, sinks)
+    return _chunks_through_matmul(q, k, v, scale, layout, band, gathered, is_bool, sinks)
+
+
+@dataclass(frozen=True)
+class _Band:
+    """In-graph positions of one call: chunk b, query offset r, key column j."""
+
+    seq: Value  # [S]
+    n_chunks: Value  # [nb] = ceil(S / C)
+    tail: Value  # [nb·C - S], the padding that makes S a multiple of C
+    n_sinks: Value | None  # [min(sinks, S)], None without sinks
+    q_pos: Value  # (nb, C) query positions
+    k_pos: Value  # (nb, K) key positions of each chunk's columns, sinks first; K = ns + nk·C
+    visible: Value  # (nb, C, K) bool: the band, sinks, no padding, no key twice
+    width: Value  # [K]
+
+
+def _band_positions(layout: BandLayout, seq: Value, sinks: int, causal: bool) -> _Band:
     c, nk = layout.chunk, layout.key_chunks
-    # Shapes are read from the op's inputs: values built inside the trace carry none.
-    k_dim, v_dim = dim(k, 3), dim(v, 3)
-    k = repeat_kv(k, heads)
-    v = repeat_kv(v, heads)
-
-    seq = dim(q, 2)  # [S]
-    n_chunks = op.Div(op.Add(seq, ints(c - 1)), ints(c))  # [nb] = ceil(S / C)
-    tail = op.Sub(op.Mul(n_chunks, ints(c)), seq)  # padding that makes S a multiple of C
-    batch = dim(q, 0)
-
-    qs = op.Mul(q, op.CastLike(const(float(scale), "float32"), q))
-    qs = op.Pad(qs, op.Concat(ints(0), tail, axis=0), None, ints(2))
-    q_chunks = op.Reshape(qs, op.Concat(batch, ints(heads), n_chunks, ints(c), dim(q, 3), axis=0))
-
-    keys = _key_windows(k, layout, n_chunks, tail, op.Concat(batch, ints(heads, -1, c), k_dim, axis=0))
-    values = _key_windows(v, layout, n_chunks, tail, op.Concat(batch, ints(heads, -1, c), v_dim, axis=0))
-
-    # Positions: chunk b, query offset r, key column j (0 .. nk·C).
+    n_chunks = op.Div(op.Add(seq, ints(c - 1)), ints(c))
+    tail = op.Sub(op.Mul(n_chunks, ints(c)), seq)
     b = op.Unsqueeze(op.Range(const(0), scalar(n_chunks), const(1)), ints(1))  # (nb, 1)
     q_pos = op.Add(op.Mul(b, ints(c)), const(np.arange(c)[None, :]))  # (nb, C)
     k_pos = op.Add(op.Mul(op.Sub(b, ints(layout.before)), ints(c)), const(np.arange(nk * c)[None, :]))  # (nb, nk·C)
     # Sink keys live in their own columns: exclude them from the window so none counts twice.
     in_seq = op.And(op.GreaterOrEqual(k_pos, ints(max(sinks, 0))), op.Less(k_pos, seq))
     visible = op.And(const(layout.band()[None]), op.Unsqueeze(in_seq, ints(1)))  # (nb, C, nk·C)
+    if sinks <= 0:
+        return _Band(seq, n_chunks, tail, None, q_pos, k_pos, visible, ints(nk * c))
+    n_sinks = op.Min(seq, ints(sinks))
+    sink_pos = op.Range(const(0), scalar(n_sinks), const(1))  # (ns,)
+    if causal:
+        sink_visible = op.LessOrEqual(op.Unsqueeze(sink_pos, ints(0, 1)), op.Unsqueeze(q_pos, ints(2)))
+    else:
+        sink_visible = op.Expand(const(np.array(True)), op.Concat(n_chunks, ints(c), n_sinks, axis=0))
+    visible = op.Concat(sink_visible, visible, axis=2)
+    k_pos = op.Concat(op.Expand(op.Unsqueeze(sink_pos, ints(0)), op.Concat(n_chunks, n_sinks, axis=0)), k_pos, axis=1)
+    return _Band(seq, n_chunks, tail, n_sinks, q_pos, k_pos, visible, op.Add(n_sinks, ints(nk * c)))
 
-    if sinks > 0:
-        n_sinks = op.Min(seq, ints(sinks))
-        sink_pos = op.Range(const(0), scalar(n_sinks), const(1))  # (ns,)
-        expand_chunks = op.Concat(ints(1, 1), n_chunks, ints(1, 1), axis=0)
-        keys = op.Concat(op.Expand(op.Unsqueeze(op.Slice(k, ints(0), ints(sinks), ints(2)), ints(2)), expand_chunks), keys, axis=3)
-        values = op.Concat(op.Expand(op.Unsqueeze(op.Slice(v, ints(0), ints(sinks), ints(2)), ints(2)), expand_chunks), values, axis=3)
-        if is_causal:
-            sink_visible = op.LessOrEqual(op.Unsqueeze(sink_pos, ints(0, 1)), op.Unsqueeze(q_pos, ints(2)))
+
+def _chunks_through_attention_op(
+    q: Value, k: Value, v: Value, scale: float, layout: BandLayout, band: _Band,
+    gathered: Value | None, is_bool: bool, mask_heads: int, sinks: int,
+) -> Value:
+    """Chunks as the batch of one ``Attention`` node over (batch·nb, tokens, heads·dim) inputs.
+
+    In the 3-D (batch, seq, heads·dim) layout a chunk is a pure reshape of the
+    sequence axis, GQA is the node's own ``kv_num_heads``, and only q, k, v
+    and the output are transposed (S·H·D values each).
+    """
+    heads, kv_heads, c = static_dim(q, 1), static_dim(k, 1), layout.chunk
+    batch, v_dim = dim(q, 0), dim(v, 3)
+    q3, k3, v3 = (op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), ints(0, 0, -1)) for x in (q, k, v))
+    q_width = op.Mul(ints(heads), dim(q, 3))
+    k_width = op.Mul(ints(kv_heads), dim(k, 3))
+    v_width = op.Mul(ints(kv_heads), v_dim)
+
+    q_chunks = op.Reshape(op.Pad(q3, op.Concat(ints(0), band.tail, axis=0), None, ints(1)), op.Concat(ints(-1, c), q_width, axis=0))
+    keys = op.Reshape(_key_rows(k3, band, 1), op.Concat(ints(-1), band.width, k_width, axis=0))
+    values = op.Reshape(_key_rows(v3, band, 1), op.Concat(ints(-1), band.width, v_width, axis=0))
+
+    if gathered is None:
+        mask = op.Unsqueeze(band.visible, ints(0, 2))  # (1, nb, 1, C, K)
+    else:
+        if is_bool:
+            mask = op.And(band.visible, gathered)
         else:
-            sink_visible = op.Expand(const(np.array(True)), op.Concat(n_chunks, ints(c), n_sinks, axis=0))
-        visible = op.Concat(sink_visible, visible, axis=2)
-        k_pos = op.Concat(op.Expand(op.Unsqueeze(sink_pos, ints(0)), op.Concat(n_chunks, n_sinks, axis=0)), k_pos, axis=1)
+            mask = op.Where(band.visible, op.CastLike(gathered, q), neg_inf_like(q))
+        mask = op.Transpose(mask, perm=[0, 2, 1, 3, 4])  # (mb, nb, mh, C, K)
+    # The batch axis of the node is (batch, chunk) flattened: the mask needs both.
+    mask = op.Expand(mask, op.Concat(batch, ints(1, 1, 1, 1), axis=0))
+    mask = op.Reshape(mask, op.Concat(ints(-1, mask_heads, c), band.width, axis=0))
 
-    scores = op.MatMul(q_chunks, op.Transpose(keys, perm=[0, 1, 2, 4, 3]))  # (B, H, nb, C, ns + nk·C)
-    if attn_mask is not None:
-        gathered = _gather_mask(attn_mask, q_pos, k_pos, seq)
-        if attn_mask.dtype == ir.DataType.BOOL:
+    y, _, _, _ = op23.Attention(
+        q_chunks, keys, values, mask, q_num_heads=heads, kv_num_heads=kv_heads, scale=float(scale)
+    )
+    y = op.Reshape(y, op.Concat(batch, ints(-1, heads), v_dim, axis=0))  # (B, nb·C, H, Dv)
+    y = op.Slice(y, ints(0), band.seq, ints(1))
+    return op.Transpose(y, perm=[0, 2, 1, 3])
+
+
+def _chunks_through_matmul(
+    q: Value, k: Value, v: Value, scale: float, layout: BandLayout, band: _Band,
+    gathered: Value | None, is_bool: bool, sinks: int,
+) -> Value:
+    """Chunks in a (B, H, nb, C, D) layout through MatMul / Where / Softmax / MatMul (opset < 23)."""
+    heads, c = static_dim(q, 1), layout.chunk
+    # Shapes are read from the op's inputs: values built inside the trace carry none.
+    batch, v_dim = dim(q, 0), dim(v, 3)
+    k = repeat_kv(k, heads)
+    v = repeat_kv(v, heads)
+
+    qs = op.Mul(q, op.CastLike(const(float(scale), "float32"), q))
+    qs = op.Pad(qs, op.Concat(ints(0), band.tail, axis=0), None, ints(2))
+    q_chunks = op.Reshape(qs, op.Concat(batch, ints(heads), band.n_chunks, ints(c), dim(q, 3), axis=0))
+    keys = _key_rows(k, band, 2)  # (B, H, nb, K, D)
+    values = _key_rows(v, band, 2)
+
+    scores = op.MatMul(q_chunks, op.Transpose(keys, perm=[0, 1, 2, 4, 3]))  # (B, H, nb, C, K)
+    visible = band.visible
+    if gathered is not None:
+        if is_bool:
             visible = op.And(visible, gathered)
         else:
             scores = op.Add(scores, op.CastLike(gathered, scores))
     scores = op.Where(visible, scores, neg_inf_like(scores))
     # Without a mask every real query sees itself; only padded rows can be empty and they are cut off.
-    probs = masked_softmax(scores, guard_empty_rows=attn_mask is not None)
+    probs = masked_softmax(scores, guard_empty_rows=gathered is not None)
     out = op.MatMul(probs, values)  # (B, H, nb, C, Dv)
     out = op.Reshape(out, op.Concat(batch, ints(heads, -1), v_dim, axis=0))
-    return op.Slice(out, ints(0), seq, ints(2))
+    return op.Slice(out, ints(0), band.seq, ints(2))
 
 
-def _key_windows(x: Value, layout: BandLayout, n_chunks: Value, tail: Value, chunked_shape: Value) -> Value:
-    """(B, H, S, D) -> (B, H, nb, nk·C, D): for each query chunk, the key chunks its band reaches.
+def _key_rows(x: Value, band: _Band, axis: int) -> Value:
+    """Each chunk's keys, sinks first, read along sequence axis ``axis``: (…, S, …) -> (…, nb, K, …).
 
-    ``chunked_shape`` is ``[B, H, -1, C, D]``.
+    One ``Gather`` of the clamped key positions: a single copy of nb·K rows,
+    with no padded copy of the keys and no slices to concatenate. Columns
+    that fall outside the sequence are read at a clamped position and hidden
+    by ``visible``.
     """
-    c = layout.chunk
-    front = ints(layout.before * c)
-    back = op.Add(tail, ints(layout.after * c))
-    padded = op.Pad(x, op.Concat(front, back, axis=0), None, ints(2))
-    chunks = op.Reshape(padded, chunked_shape)
-    if layout.key_chunks == 1:
-        return chunks
-    parts = [op.Slice(chunks, ints(o), op.Add(n_chunks, ints(o)), ints(2)) for o in range(layout.key_chunks)]
-    return op.Concat(*parts, axis=3)
+    return op.Gather(x, _clamp(band.k_pos, band.seq), axis=axis)
+
+
+def _clamp(pos: Value, seq: Value) -> Value:
+    """Positions clamped to [0, S - 1] (what padding columns read; ``visible`` hides them).
+
+    One ``Clip`` with scalar bounds: a ``Min(Max(…))`` pair is rewritten by
+    onnxscript 0.7's optimizer into a ``Clip`` whose bounds it never defines
+    (an invalid model) when S is static.
+    """
+    return op.Clip(pos, const(np.array(0, dtype=np.int64)), scalar(op.Sub(seq, ints(1))))
 
 
 def _gather_mask(mask: Value, q_pos: Value, k_pos: Value, seq: Value) -> Value:
@@ -239,9 +335,8 @@ def _gather_mask(mask: Value, q_pos: Value, k_pos: Value, seq: Value) -> Value:
     (…, S, S) mask through its flattened last two axes — it is read, never
     copied whole.
     """
-    last = op.Sub(seq, ints(1))
-    q_idx = op.Min(op.Max(q_pos, ints(0)), last)
-    k_idx = op.Min(op.Max(k_pos, ints(0)), last)
+    q_idx = _clamp(q_pos, seq)
+    k_idx = _clamp(k_pos, seq)
     r = rank(mask)
     per_query = r >= 2 and static_dim(mask, -2) != 1
     per_key = static_dim(mask, -1) != 1

@@ -65,6 +65,14 @@ def onnx_ops(path) -> list[str]:
     return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
 
 
+def chunked_attention_nodes(path) -> int:
+    """How many ``Attention`` nodes take the 3-D chunked layout of the sparse translation (``q_num_heads`` set)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sum(1 for n in graph.node if n.op_type == "Attention" and any(a.name == "q_num_heads" for a in n.attribute))
+
+
 def run_onnx(path, *inputs: torch.Tensor) -> list:
     """Run an ONNX file in onnxruntime's CPU provider with positional inputs."""
     import onnxruntime as ort
