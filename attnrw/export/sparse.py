@@ -126,7 +126,7 @@ def plan_layout(
 
 
 def sparse_translation(opset: int, chunk: int | None = None) -> Callable[..., Value]:
-    """The translation function of ``attnrw::sparse_attention``; the same graph for every opset >= 18.
+    """The translation function of ``attnrw::sparse_attention`` for a target ``opset`` (>= 18).
 
     ``chunk`` overrides the chunk size chosen by :func:`plan_layout` (benchmarks).
     """
@@ -190,8 +190,8 @@ def sparse_attention_graph(
     if mask_heads is None:
         raise ValueError("the head axis of an attention mask must be static (1 or the number of heads)")
     if opset >= ATTENTION_OPSET:
-        return _chunks_through_attention_op(q, k, v, scale, layout, band, gathered, is_bool, mask_heads, sinks)
-    return _chunks_through_matmul(q, k, v, scale, layout, band, gathered, is_bool, sinks)
+        return _chunks_through_attention_op(q, k, v, scale, layout, band, gathered, is_bool, mask_heads)
+    return _chunks_through_matmul(q, k, v, scale, layout, band, gathered, is_bool)
 
 
 @dataclass(frozen=True)
@@ -201,7 +201,6 @@ class _Band:
     seq: Value  # [S]
     n_chunks: Value  # [nb] = ceil(S / C)
     tail: Value  # [nb·C - S], the padding that makes S a multiple of C
-    n_sinks: Value | None  # [min(sinks, S)], None without sinks
     q_pos: Value  # (nb, C) query positions
     k_pos: Value  # (nb, K) key positions of each chunk's columns, sinks first; K = ns + nk·C
     visible: Value  # (nb, C, K) bool: the band, sinks, no padding, no key twice
@@ -219,7 +218,7 @@ def _band_positions(layout: BandLayout, seq: Value, sinks: int, causal: bool) ->
     in_seq = op.And(op.GreaterOrEqual(k_pos, ints(max(sinks, 0))), op.Less(k_pos, seq))
     visible = op.And(const(layout.band()[None]), op.Unsqueeze(in_seq, ints(1)))  # (nb, C, nk·C)
     if sinks <= 0:
-        return _Band(seq, n_chunks, tail, None, q_pos, k_pos, visible, ints(nk * c))
+        return _Band(seq, n_chunks, tail, q_pos, k_pos, visible, ints(nk * c))
     n_sinks = op.Min(seq, ints(sinks))
     sink_pos = op.Range(const(0), scalar(n_sinks), const(1))  # (ns,)
     if causal:
@@ -228,12 +227,12 @@ def _band_positions(layout: BandLayout, seq: Value, sinks: int, causal: bool) ->
         sink_visible = op.Expand(const(np.array(True)), op.Concat(n_chunks, ints(c), n_sinks, axis=0))
     visible = op.Concat(sink_visible, visible, axis=2)
     k_pos = op.Concat(op.Expand(op.Unsqueeze(sink_pos, ints(0)), op.Concat(n_chunks, n_sinks, axis=0)), k_pos, axis=1)
-    return _Band(seq, n_chunks, tail, n_sinks, q_pos, k_pos, visible, op.Add(n_sinks, ints(nk * c)))
+    return _Band(seq, n_chunks, tail, q_pos, k_pos, visible, op.Add(n_sinks, ints(nk * c)))
 
 
 def _chunks_through_attention_op(
     q: Value, k: Value, v: Value, scale: float, layout: BandLayout, band: _Band,
-    gathered: Value | None, is_bool: bool, mask_heads: int, sinks: int,
+    gathered: Value | None, is_bool: bool, mask_heads: int,
 ) -> Value:
     """Chunks as the batch of one ``Attention`` node over (batch·nb, tokens, heads·dim) inputs.
 
@@ -274,7 +273,7 @@ def _chunks_through_attention_op(
 
 def _chunks_through_matmul(
     q: Value, k: Value, v: Value, scale: float, layout: BandLayout, band: _Band,
-    gathered: Value | None, is_bool: bool, sinks: int,
+    gathered: Value | None, is_bool: bool,
 ) -> Value:
     """Chunks in a (B, H, nb, C, D) layout through MatMul / Where / Softmax / MatMul (opset < 23)."""
     heads, c = static_dim(q, 1), layout.chunk

@@ -55,6 +55,7 @@ class MatchContext:
         self.user_inputs = set(user_inputs or ())
         self.constants = set(constants or ())
         self._constant: dict[Node, bool] = {}
+        self._order: dict[Node, int] | None = None
         self._failed: set[Node] = set()
         self._static: dict[Node, bool] = {}
         self._roots: dict[Node, frozenset[Node]] = {}
@@ -126,6 +127,26 @@ class MatchContext:
             seen.add(n)
             if n in self.user_inputs:
                 return True
+            todo.extend(n.all_input_nodes)
+        return False
+
+    def depends_on(self, node: Node, target: Node) -> bool:
+        """Whether ``target`` is an ancestor of (or is) ``node``.
+
+        Only nodes after ``target`` in graph order can depend on it, which
+        bounds the search to the stretch of graph between them.
+        """
+        if self._order is None:
+            self._order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        limit = self._order[target]
+        todo, seen = [node], set()
+        while todo:
+            n = todo.pop()
+            if n is target:
+                return True
+            if n in seen or self._order.get(n, -1) < limit:
+                continue
+            seen.add(n)
             todo.extend(n.all_input_nodes)
         return False
 

@@ -102,14 +102,16 @@ def _reaches_product(node: Any, rows: Any, cols: Any, depth: int = 24) -> bool:
     """Whether ``node`` is scores: a product with (rows, cols) trailing dims, through score-chain ops."""
     if not isinstance(node, Node) or depth == 0:
         return False
+    if is_order_preserving(node) or is_cast(node):
+        # Views may pass through frames with other trailing axes (einsum
+        # unsqueezes and permutes size-1 axes); the row-major order is kept.
+        return _reaches_product(node.args[0], rows, cols, depth - 1)
     s = shape(node)
     if s is None or len(s) < 2 or not (same(s[-2], rows) and same(s[-1], cols)):
         return False
     t = node.target
     if t in PRODUCTS:
         return True
-    if is_order_preserving(node) or is_cast(node):
-        return _reaches_product(node.args[0], rows, cols, depth - 1)
     if t in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor):
         return any(_reaches_product(a, rows, cols, depth - 1) for a in node.args[:2])
     if t in _MASKED_FILL:
@@ -138,15 +140,17 @@ class _ScoreChain:
         while True:
             if not isinstance(cur, Node):
                 raise NoMatch("the scores are not computed by the graph")
+            s = shape(cur)
             if cur.target in PRODUCTS:
+                if s is None or not (same(s[-2], self.rows) and same(s[-1], self.cols)):
+                    raise NoMatch("the scores are reshaped across the query and key axes before the softmax")
                 return cur
             self.interior.add(cur)
-            s = shape(cur)
-            if s is None or len(s) < 2 or not (same(s[-2], self.rows) and same(s[-1], self.cols)):
-                raise NoMatch("the scores are reshaped across the query and key axes before the softmax")
             if is_order_preserving(cur) or is_cast(cur):
                 cur = cur.args[0]
                 continue
+            if s is None or len(s) < 2 or not (same(s[-2], self.rows) and same(s[-1], self.cols)):
+                raise NoMatch("a mask or bias is applied in a frame that mixes the query and key axes")
             cur = self._step(cur, s)
 
     def _pick(self, node: Node, candidates: list[Any]) -> tuple[Node, list[Any]]:
@@ -205,7 +209,7 @@ class _ScoreChain:
             v = _scalar(value, self.ctx)
             if v is None or v > LARGE_NEGATIVE:
                 raise NoMatch(f"{node.name}: masked_fill value {value!r} is not a large negative constant")
-            self._term(E.where(mask, v, 0.0), frame)
+            self._term(E.where(mask, v, 0.0, tensor_val(node).dtype), frame)
             return score
         if t is aten.where.self:
             cond, a, b = node.args[:3]
@@ -213,7 +217,8 @@ class _ScoreChain:
             v = _scalar(other, self.ctx)
             if v is None or v > LARGE_NEGATIVE:
                 raise NoMatch(f"{node.name}: where() fill {other!r} is not a large negative constant")
-            self._term(E.where(cond, 0.0, v) if score is a else E.where(cond, v, 0.0), frame)
+            dt = tensor_val(node).dtype
+            self._term(E.where(cond, 0.0, v, dt) if score is a else E.where(cond, v, 0.0, dt), frame)
             return score
         name = getattr(t, "__name__", str(t))
         raise NoMatch(f"the scores pass through {name} between the product and the softmax")
@@ -232,6 +237,27 @@ def _prescale(node: Any, ctx: MatchContext) -> tuple[Any, float]:
         factor *= (1.0 / c) if node.target is aten.div.Tensor else c
         node = a
     return node, factor
+
+
+_LAYOUT = {aten.permute.default, aten.transpose.int, aten.expand.default, aten.view.default,
+           aten._unsafe_view.default, aten.reshape.default, aten.clone.default, aten.unsqueeze.default,
+           aten.select.int, aten.slice.Tensor, aten.squeeze.dim}
+
+
+def _upstream_scale(x: Any, ctx: MatchContext) -> float:
+    """A constant factor applied to a query/key tensor above layout-only ops (for reporting)."""
+    nodes = E.nodes_in(x)
+    node = nodes[0] if nodes else None
+    for _ in range(24):
+        if not isinstance(node, Node):
+            return 1.0
+        if node.target in (aten.mul.Tensor, aten.div.Tensor):
+            _, factor = _prescale(node, ctx)
+            return factor
+        if node.target not in _LAYOUT:
+            return 1.0
+        node = node.args[0]
+    return 1.0
 
 
 def _as_batched(node: Any, target: tuple, what: str) -> Any:
@@ -308,6 +334,9 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     # Scores -> the Q·Kᵀ product.
     chain = _ScoreChain(ctx, rows, cols)
     qk = chain.walk(x)
+    for term, _, _ in chain.terms:
+        if any(ctx.depends_on(n, qk) for n in E.nodes_in(term)):
+            raise NoMatch("a term added to the scores depends on the scores")
     interior |= chain.interior | {qk}
     scale = chain.scale
     terms = list(chain.terms)
@@ -340,7 +369,9 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     if isinstance(k, Node):
         k = peel_to_shape(k, (*xb, cols, head_dim)) or k
     scale *= q_pre * k_pre
-    report_scale = scale
+    # A constant applied further up (before the heads are split) stays in the
+    # graph; count it in the reported scale so sites compare across spellings.
+    report_scale = scale * _upstream_scale(q, ctx) * _upstream_scale(k, ctx)
     for r in chain.runtime:
         q = E.mul(q, r)
         rv = E.evaluate(r, lambda n: ctx.value(n) if ctx.value(n) is not None else val(n))

@@ -85,17 +85,18 @@ def neg(a: Term) -> Expr:
     return Expr(aten.neg.default, (a,))
 
 
-def where(cond: Term, a: Any, b: Any) -> Expr:
-    return Expr(aten.where.self, (cond, _as_tensor(a, cond), _as_tensor(b, cond)))
+def where(cond: Term, a: Any, b: Any, dtype: torch.dtype = torch.float32) -> Expr:
+    """``where(cond, a, b)``; Python numbers become 0-dim tensors of ``dtype``."""
+    return Expr(aten.where.self, (cond, _as_tensor(a, dtype), _as_tensor(b, dtype)))
 
 
 def cast(x: Term, dtype: torch.dtype) -> Expr:
     return Expr(aten._to_copy.default, (x,), (("dtype", dtype),))
 
 
-def _as_tensor(x: Any, like: Term) -> Any:
+def _as_tensor(x: Any, dtype: torch.dtype) -> Any:
     if isinstance(x, (int, float)):
-        return Expr(aten.scalar_tensor.default, (float(x),), (("dtype", torch.float32),))
+        return Expr(aten.scalar_tensor.default, (float(x),), (("dtype", dtype),))
     return x
 
 

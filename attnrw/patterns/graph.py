@@ -104,13 +104,21 @@ def is_identity_layout(node: Node) -> bool:
     src = node.args[0]
     if t is aten.expand.default:
         return same_shape(shape(src), shape(node))
-    if t is aten.permute.default:
-        perm = list(node.args[1])
-        rank = len(perm)
-        return [p % rank for p in perm] == list(range(rank))
-    if t is aten.transpose.int:
-        rank = len(shape(node) or ())
-        return rank > 0 and node.args[1] % rank == node.args[2] % rank
+    if t in (aten.permute.default, aten.transpose.int):
+        # Moving only size-1 axes keeps the row-major order (einsum's
+        # decomposition does this a lot).
+        in_shape = shape(src)
+        if in_shape is None:
+            return False
+        rank = len(in_shape)
+        if t is aten.permute.default:
+            perm = [p % rank for p in node.args[1]]
+        else:
+            perm = list(range(rank))
+            a, b = node.args[1] % rank, node.args[2] % rank
+            perm[a], perm[b] = perm[b], perm[a]
+        moved = [p for p in perm if not same(in_shape[p], 1)]
+        return moved == sorted(moved)
     if t is aten._to_copy.default:
         sv, nv = tensor_val(src), tensor_val(node)
         return sv is not None and nv is not None and sv.dtype == nv.dtype and sv.device == nv.device

@@ -44,8 +44,10 @@ from attnrw.kernels.sparse.layout import band_reach, cdiv, check_inputs, select_
 
 #: Bytes of block rows (the copy of K and V) one chunk of work may hold; see _chunks.
 _CHUNK_BYTES = 16 << 20
+#: Elements the forward may materialise for one SDPA call (gathered keys, masks, output); see _fold_elems.
+_FOLD_CHUNK_ELEMS = 1 << 22
 #: Elements of one score matrix in the backward, which materialises it (keeps memory bounded).
-_BACKWARD_CHUNK_ELEMS = 1 << 24
+_BACKWARD_CHUNK_ELEMS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -84,24 +86,10 @@ def _geometry(seq_len: int, block_size: int, window: int, sinks: int, is_causal:
     )
 
 
-@dataclass
-class _Folded:
-    """Query blocks folded into the batch axis, with the keys each one attends to.
-
-    ``n = batch * heads``, ``nb`` query blocks of ``bs`` rows, ``L`` key slots per block.
-    """
-
-    q: torch.Tensor  # (n, nb, bs, D)
-    k: torch.Tensor  # (n, nb, L, D), possibly an overlapping view
-    v: torch.Tensor  # (n, nb, L, Dv)
-    mask: torch.Tensor  # (1 or n, nb, bs, L): bool (True = attend) or float (additive, -inf = not)
-    query_pos: torch.Tensor  # (nb, bs) int64 position of each query row, seq_len for padding rows
-    key_pos: torch.Tensor  # (1 or n, nb, L) int64 position of each key slot, seq_len where unused
-    has_user_mask: bool
-
-
 def _blocked_rows(x: torch.Tensor, geo: _Geometry, heads: int) -> torch.Tensor:
     """Copy (batch, kv_heads, S, D) into (batch * heads, rows, row_sinks + bs, D) block rows.
+
+    ``heads`` is the number of query heads (GQA heads are expanded by the copy).
 
     Row ``r`` holds the sink keys, then key block ``r - before`` (zeros outside
     the sequence). GQA heads are expanded by the same copy.
@@ -180,14 +168,6 @@ def _window_bias(geo: _Geometry, device: torch.device, dtype: torch.dtype) -> to
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
-def _gather_rows(rows: torch.Tensor, geo: _Geometry, blocks: torch.Tensor) -> torch.Tensor:
-    """Key blocks ``blocks`` (n, nb, kk) of the block rows (n, rows, P, D) -> (n, nb, kk * bs, D)."""
-    n = rows.shape[0]
-    idx = blocks.clamp(min=0) + geo.before
-    picked = rows[torch.arange(n, device=rows.device)[:, None, None], idx, geo.row_sinks :]
-    return picked.flatten(2, 3)
-
-
 def _user_mask_index(
     attn_mask: torch.Tensor, batch: int, heads: int, query_pos: torch.Tensor, key_pos: torch.Tensor
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -211,107 +191,31 @@ def _user_mask_index(
 
 
 def _per_head(x: torch.Tensor, heads: int, stop: int) -> torch.Tensor:
-    """The first ``stop`` rows of (batch, kv_heads, S, D) repeated per query head: (batch * heads, stop, D)."""
-    batch, kv_heads, _, dim = x.shape
-    rows = x[:, :, None, :stop].expand(batch, kv_heads, heads // kv_heads, stop, dim)
-    return rows.reshape(batch * heads, stop, dim)
+    """The first ``stop`` rows of (1, kv_heads, S, D) repeated per query head: (heads, stop, D)."""
+    _, kv_heads, _, dim = x.shape
+    return x[0, :, None, :stop].expand(kv_heads, heads // kv_heads, stop, dim).reshape(heads, stop, dim)
 
 
-@dataclass
-class _Slots:
-    """A run of key slots of every query block: keys, values, positions, and who attends to them."""
-
-    k: torch.Tensor  # (n, nb, L, D)
-    v: torch.Tensor  # (n, nb, L, Dv)
-    pos: torch.Tensor  # (1 or n, nb, L) key position, seq_len where unused
-    allowed: torch.Tensor  # (1 or n, nb, bs, L) bool: the sparsity rule for each (query row, slot)
-
-
-def _fold(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    geo: _Geometry,
-    blocks: torch.Tensor | None,
-) -> _Folded:
-    """Lay out queries, keys, values and the combined mask for one blocked attention call.
-
-    Key slots per query block: the window (band blocks, with the sink copies),
-    then the sinks if they did not fit in the rows, then the top-k blocks.
-    Every key a query sees has exactly one allowed slot.
-    """
-    batch, heads, seq_len, dim = q.shape
-    n, nb, bs = batch * heads, geo.num_blocks, geo.block_size
-    dev = q.device
-    pad = nb * bs - seq_len
-    qf = (F.pad(q, (0, 0, 0, pad)) if pad else q).reshape(n, nb, bs, dim)
-    query_pos = torch.arange(nb * bs, device=dev).view(nb, bs)
-    row_ok = (query_pos < seq_len)[None, :, :, None]
-
-    k_rows, v_rows = _blocked_rows(k, geo, heads), _blocked_rows(v, geo, heads)
-    wpos, wallowed = _window_layout(geo, dev)
-    parts = [_Slots(_window_view(k_rows, geo), _window_view(v_rows, geo), wpos[None], wallowed[None])]
-    if geo.extra_sinks:
-        e = geo.extra_sinks
-        ks, vs = _per_head(k, heads, e)[:, None], _per_head(v, heads, e)[:, None]
-        epos = torch.arange(e, device=dev)
-        ok = (row_ok & (epos <= query_pos[:, :, None] if geo.is_causal else row_ok)).expand(1, nb, bs, e)
-        parts.append(_Slots(ks.expand(n, nb, e, -1), vs.expand(n, nb, e, -1), epos.expand(1, nb, e), ok))
-    if blocks is not None:
-        blk = blocks.reshape(n, nb, -1)
-        tpos = (blk[..., None] * bs + torch.arange(bs, device=dev)).flatten(2)
-        ok = (blk >= 0).repeat_interleave(bs, dim=-1) & (tpos < seq_len)
-        # Causal candidates lie strictly before the query block (its own block is always in
-        # its band), so every key of a chosen block precedes all its queries: no j <= i test.
-        parts.append(
-            _Slots(
-                _gather_rows(k_rows, geo, blk),
-                _gather_rows(v_rows, geo, blk),
-                tpos.masked_fill(~ok, seq_len),
-                ok[:, :, None, :] & row_ok,
-            )
-        )
-
-    if len(parts) == 1:
-        kf, vf, key_pos, allowed = parts[0].k, parts[0].v, parts[0].pos, parts[0].allowed
-    else:
-        width = max(p.pos.shape[0] for p in parts)
-        kf, vf = torch.cat([p.k for p in parts], 2), torch.cat([p.v for p in parts], 2)
-        key_pos = torch.cat([p.pos.expand(width, nb, -1) for p in parts], -1)
-        allowed = torch.cat([p.allowed.expand(width, nb, bs, -1) for p in parts], -1)
-
-    mask: torch.Tensor = allowed
-    if attn_mask is None and len(parts) == 1:
-        mask = _window_bias(geo, dev, q.dtype)[None]
-    elif attn_mask is not None:
-        idx, m4 = _user_mask_index(attn_mask, batch, heads, query_pos, key_pos)
-        user = m4[idx]
-        if user.dtype == torch.bool:
-            mask = allowed & user
-        else:
-            mask = user.to(q.dtype).masked_fill(~allowed, float("-inf"))
-    return _Folded(qf, kf, vf, mask, query_pos, key_pos, attn_mask is not None)
-
-
-def _visible_rows(mask: torch.Tensor) -> torch.Tensor:
-    """(.., bs, L) combined mask -> (.., bs) bool: the row sees at least one key."""
-    return mask.any(-1) if mask.dtype == torch.bool else (mask != float("-inf")).any(-1)
+def _blocked_queries(x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """(1, h, S, D) -> (h, nb, bs, D), zero-padded to whole blocks (a view when S is a multiple of bs)."""
+    pad = geo.num_blocks * geo.block_size - geo.seq_len
+    return (F.pad(x, (0, 0, 0, pad)) if pad else x)[0].unflatten(1, (geo.num_blocks, geo.block_size))
 
 
 @dataclass
 class _Chunk:
-    """One batch element and a group of kv heads with their query heads: inputs sliced to (1, h, S, .)."""
+    """One batch element and a group of kv heads with their query heads, laid out in blocks."""
 
     batch: int
     heads: slice  # query heads
-    kv_heads: slice
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor | None  # broadcastable to (1, h, S, S)
+    q: torch.Tensor  # (h, nb, bs, D)
+    k: torch.Tensor  # (1, kv_h, S, D), for sinks appended per block
+    v: torch.Tensor  # (1, kv_h, S, Dv)
+    k_rows: torch.Tensor  # (h, rows, row_len, D), see _blocked_rows
+    v_rows: torch.Tensor  # (h, rows, row_len, Dv)
+    mask: torch.Tensor | None  # this chunk's part of the user mask, broadcastable to (1, h, S, S)
     mask_index: tuple[slice, slice]  # where ``mask`` sits in the 4-D view of the whole mask
-    blocks: torch.Tensor | None  # (1, h, nb, kk)
+    blocks: torch.Tensor | None  # (h, nb, kk) top-k key blocks, -1 = none
 
 
 def _chunks(
@@ -340,14 +244,169 @@ def _chunks(
         for h0 in range(0, kv_heads, step):
             kvs = slice(h0, min(h0 + step, kv_heads))
             hs = slice(kvs.start * group, kvs.stop * group)
+            k_c, v_c = k[b : b + 1, kvs], v[b : b + 1, kvs]
             mask, where = None, (slice(None), slice(None))
             if m4 is not None:
                 where = (slice(b, b + 1) if m4.shape[0] > 1 else slice(None), hs if m4.shape[1] > 1 else slice(None))
                 mask = m4[where]
             yield _Chunk(
-                b, hs, kvs, q[b : b + 1, hs], k[b : b + 1, kvs], v[b : b + 1, kvs], mask, where,
-                None if blocks is None else blocks[b : b + 1, hs],
+                b, hs, _blocked_queries(q[b : b + 1, hs], geo), k_c, v_c,
+                _blocked_rows(k_c, geo, hs.stop - hs.start), _blocked_rows(v_c, geo, hs.stop - hs.start),
+                mask, where, None if blocks is None else blocks[b, hs],
             )  # fmt: skip
+
+
+def _block_ranges(num_blocks: int, elems_per_block: int, budget: int) -> Iterator[slice]:
+    """Consecutive ranges of query blocks, each materialising at most about ``budget`` elements."""
+    step = max(1, budget // max(1, elems_per_block))
+    for start in range(0, num_blocks, step):
+        yield slice(start, min(start + step, num_blocks))
+
+
+def _slot_counts(c: _Chunk, geo: _Geometry) -> list[int]:
+    """Key slots per query block of each part :func:`_fold` makes (window, extra sinks, top-k)."""
+    counts = [geo.band_blocks * geo.row_len]
+    if geo.extra_sinks:
+        counts.append(geo.extra_sinks)
+    if c.blocks is not None:
+        counts.append(c.blocks.shape[-1] * geo.row_len)
+    return counts
+
+
+def _fold_elems(c: _Chunk, geo: _Geometry) -> int:
+    """Elements the forward materialises per query block of a chunk (gathered keys, masks, outputs)."""
+    n, _, bs, dim = c.q.shape
+    dv = c.v.shape[-1]
+    slots = _slot_counts(c, geo)
+    gathered = sum(slots[1:]) * (dim + dv)  # the window is a view; the other parts are copies
+    masks = bs * sum(slots) if c.mask is not None else bs * sum(slots[1:])
+    return n * (gathered + masks + 2 * len(slots) * bs * dv)
+
+
+@dataclass
+class _Part:
+    """A run of key slots every query block of a range attends to."""
+
+    k: torch.Tensor  # (n, nb, L, D), possibly an overlapping or broadcast view
+    v: torch.Tensor  # (n, nb, L, Dv)
+    mask: torch.Tensor  # (1 or n, nb, bs or 1, L) additive, in q's dtype: -inf = may not attend
+    key_pos: torch.Tensor  # (1 or n, nb, L) int64 position of each slot, seq_len where unused
+
+
+@dataclass
+class _Folded:
+    """Query blocks ``qbs`` of a chunk folded into the batch axis, and the key parts they attend to.
+
+    Every key a query sees has exactly one slot with a finite mask, in one of the parts.
+    """
+
+    q: torch.Tensor  # (n, nb, bs, D)
+    query_pos: torch.Tensor  # (nb, bs) int64 position of each query row (>= seq_len: padding)
+    parts: list[_Part]
+
+
+def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
+    """The queries of blocks ``qbs`` of a chunk and the parts of keys they see.
+
+    Parts: the window (band blocks with the sink copies: a view, no copy),
+    then the sinks if they did not fit in the rows, then the top-k blocks
+    (whole block rows gathered, their sink copies masked). The sparsity is an
+    additive 0 / -inf mask in the inputs' dtype (SDPA would convert a bool
+    one on every call); the user mask is read at the slots used and added.
+    """
+    n, nb, bs, _ = c.q.shape
+    seq_len, dev, dtype = geo.seq_len, c.q.device, c.q.dtype
+    count = qbs.stop - qbs.start
+    query_pos = torch.arange(nb * bs, device=dev).view(nb, bs)[qbs]
+    wpos, _ = _window_layout(geo, dev)
+    parts = [
+        _Part(
+            _window_view(c.k_rows, geo)[:, qbs],
+            _window_view(c.v_rows, geo)[:, qbs],
+            _window_bias(geo, dev, dtype)[None, qbs],
+            wpos[None, qbs],
+        )
+    ]
+    if geo.extra_sinks:
+        e = geo.extra_sinks
+        epos = torch.arange(e, device=dev)
+        seen = (epos <= query_pos[:, :, None])[None] if geo.is_causal else torch.ones(1, 1, 1, e, dtype=torch.bool, device=dev)
+        parts.append(
+            _Part(
+                _per_head(c.k, n, e)[:, None].expand(n, count, e, -1),
+                _per_head(c.v, n, e)[:, None].expand(n, count, e, -1),
+                _bias(seen, dtype).expand(1, count, -1, -1),
+                epos.expand(1, count, e),
+            )
+        )
+    if c.blocks is not None:
+        blk = c.blocks[:, qbs]
+        kk = blk.shape[-1]
+        # Gather whole block rows (one contiguous copy each); their sink copies are masked out.
+        rows = (torch.arange(n, device=dev)[:, None, None] * c.k_rows.shape[1] + blk.clamp(min=0) + geo.before).flatten()
+        t = torch.arange(geo.row_len, device=dev) - geo.row_sinks
+        tpos = (blk[..., None] * bs + t).flatten(2)
+        ok = ((blk >= 0)[..., None] & (t >= 0)).flatten(2) & (tpos < seq_len)
+        # Causal candidates lie strictly before the query block (its own block is always in
+        # its band), so every key of a chosen block precedes all its queries: no j <= i test.
+        parts.append(
+            _Part(
+                c.k_rows.flatten(0, 1).index_select(0, rows).view(n, count, kk * geo.row_len, -1),
+                c.v_rows.flatten(0, 1).index_select(0, rows).view(n, count, kk * geo.row_len, -1),
+                _bias(ok[:, :, None, :], dtype),
+                tpos.masked_fill(~ok, seq_len),
+            )
+        )
+    if c.mask is not None:
+        for p in parts:
+            idx, m4 = _user_mask_index(c.mask, 1, n, query_pos, p.key_pos)
+            user = m4[idx]
+            p.mask = p.mask.masked_fill(~user, float("-inf")) if user.dtype == torch.bool else p.mask + user.to(dtype)
+    return _Folded(c.q[:, qbs], query_pos, parts)
+
+
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool 'may attend' -> additive 0 / -inf."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _attend(
+    q: torch.Tensor, part: _Part, scale: float, need_lse: bool, may_be_empty: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of q (n, nb, bs, D) over one part -> (out (n, nb, bs, Dv), logsumexp (n, nb, bs) fp32 or None).
+
+    ``may_be_empty``: some row may see no key of the part (a user mask, or a
+    part other than the window, which always holds the query itself). Such
+    rows output 0 and get logsumexp -inf.
+    """
+    visible = (part.mask != float("-inf")).any(-1) if may_be_empty else None
+    if not need_lse:
+        # One 4-D SDPA call: query blocks are the "heads" axis (5-D inputs take a slow path).
+        out = F.scaled_dot_product_attention(q, part.k, part.v, attn_mask=part.mask, scale=scale)
+        # Backends differ on rows that see no key (the CPU kernel gives 0, others NaN).
+        return (out if visible is None else out.masked_fill(~visible[..., None], 0.0)), None
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, part.k, part.v, attn_mask=part.mask.expand(*q.shape[:2], -1, -1), scale=scale
+        )
+        # This kernel reports logsumexp 0 (not -inf) on rows that see nothing.
+        lse = lse if visible is None else lse.masked_fill(~visible, float("-inf"))
+        return out, lse
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    s = (q.to(acc) @ part.k.to(acc).transpose(-1, -2)) * scale + part.mask.to(acc)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    return (p @ part.v.to(acc)).to(q.dtype), lse.float()
+
+
+def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+    """Softmax-weighted sum of partial attentions by their logsumexps (fp32); rows seeing nothing give 0."""
+    lse = torch.stack(lses)
+    top = lse.amax(0)
+    w = torch.exp(lse - top.masked_fill(top == float("-inf"), 0.0))
+    total = w.sum(0)
+    out = sum(o.float() * wi[..., None] for o, wi in zip(outs, w))
+    return out / total.masked_fill(total == 0, 1.0)[..., None]
 
 
 def sparse_attention_torch(
@@ -374,13 +433,15 @@ def sparse_attention_torch(
     blocks = select_blocks(q, k, topk, block_size, window, sinks, is_causal)
     out = q.new_empty((batch, heads, seq_len, v.shape[-1]))
     for c in _chunks(q, k, v, attn_mask, blocks, geo):
-        f = _fold(c.q, c.k, c.v, c.mask, geo, c.blocks)
-        # One 4-D SDPA call: query blocks are the "heads" axis (5-D inputs take a slow path).
-        o = F.scaled_dot_product_attention(f.q, f.k, f.v, attn_mask=f.mask, scale=scale)
-        if f.has_user_mask:
-            # Backends differ on rows with no key (0 or NaN); the op's contract is 0.
-            o = o.masked_fill(~_visible_rows(f.mask)[..., None], 0.0)
-        out[c.batch, c.heads] = o.flatten(1, 2)[:, :seq_len]
+        for qbs in _block_ranges(geo.num_blocks, _fold_elems(c, geo), _FOLD_CHUNK_ELEMS):
+            f = _fold(c, geo, qbs)
+            results = [
+                _attend(f.q, p, scale, need_lse=len(f.parts) > 1, may_be_empty=c.mask is not None or i > 0)
+                for i, p in enumerate(f.parts)
+            ]
+            o = results[0][0] if len(results) == 1 else _merge([r[0] for r in results], [r[1] for r in results])
+            lo, hi = qbs.start * block_size, min(qbs.stop * block_size, seq_len)
+            out[c.batch, c.heads, lo:hi] = o.flatten(1, 2)[:, : hi - lo]
     return out
 
 
@@ -401,11 +462,12 @@ def sparse_attention_grads(
     """Backward of :func:`sparse_attention_torch` (also used after the Triton forward).
 
     Recomputes each query block's probabilities over the same key slots as
-    the forward (fp32 for half inputs), then scatters key and value
-    gradients back to their positions. The top-k choice is treated as a
-    constant. Returns (dq, dk, dv, dmask); dmask has ``attn_mask``'s shape
-    when ``mask_grad``, else it is empty. Memory is bounded by going through
-    the same chunks as the forward, and groups of query blocks within them.
+    the forward (fp32 for half inputs), normalised over all its parts, then
+    scatters key and value gradients back to their positions. The top-k
+    choice is treated as a constant. Returns (dq, dk, dv, dmask); dmask has
+    ``attn_mask``'s shape when ``mask_grad``, else it is empty. Memory is
+    bounded by going through the same chunks as the forward, in smaller
+    ranges of query blocks.
     """
     check_inputs(q, k, v, attn_mask, window, sinks, topk, block_size)
     batch, heads, seq_len, dim = q.shape
@@ -413,8 +475,7 @@ def sparse_attention_grads(
     geo = _geometry(seq_len, block_size, window, sinks, is_causal)
     blocks = select_blocks(q, k, topk, block_size, window, sinks, is_causal)
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    pad = geo.num_blocks * geo.block_size - seq_len
-    g_all = F.pad(grad_out, (0, 0, 0, pad)) if pad else grad_out
+    g_all = _blocked_queries(grad_out.flatten(0, 1)[None], geo).unflatten(0, (batch, heads))
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     # One extra key row catches the unused slots (position seq_len), whose gradients are 0.
     dk = torch.zeros(batch, heads, seq_len + 1, dim, dtype=acc, device=q.device)
@@ -423,38 +484,36 @@ def sparse_attention_grads(
     if mask_grad and attn_mask is not None:
         dm4 = torch.zeros((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape), dtype=acc, device=q.device)
     for c in _chunks(q, k, v, attn_mask, blocks, geo):
-        f = _fold(c.q, c.k, c.v, c.mask, geo, c.blocks)
-        n, nb, bs = f.q.shape[:3]
-        g_c = g_all[c.batch, c.heads].reshape(n, nb, bs, -1)
-        dq_c = torch.empty(n, nb, bs, dim, dtype=acc, device=q.device)
+        n = c.q.shape[0]
+        rows = torch.arange(n, device=q.device)[:, None, None]
         dk_c, dv_c = dk[c.batch, c.heads], dv[c.batch, c.heads]  # views: scattered into in place
-        idx_all = None
-        if dm4 is not None and c.mask is not None:
-            idx_all, _ = _user_mask_index(c.mask, 1, n, f.query_pos, f.key_pos)
-        step = max(1, _BACKWARD_CHUNK_ELEMS // (n * bs * f.k.shape[2]))
-        for b0 in range(0, nb, step):
-            sl = slice(b0, min(b0 + step, nb))
-            qc, kc, vc, gc = (t[:, sl].to(acc) for t in (f.q, f.k, f.v, g_c))
-            mask = f.mask if f.mask.shape[1] == 1 else f.mask[:, sl]
-            s = (qc @ kc.transpose(-1, -2)) * scale
-            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
-            lse = torch.logsumexp(s, dim=-1, keepdim=True)
-            p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0))  # rows seeing nothing: p = 0
-            dp = gc @ vc.transpose(-1, -2)
-            ds = p * (dp - (gc * (p @ vc)).sum(-1, keepdim=True))
-            dq_c[:, sl] = (ds @ kc) * scale
-            kpos = f.key_pos[:, sl].expand(n, -1, -1)
-            rows = torch.arange(n, device=q.device)[:, None, None]
-            dk_c.index_put_((rows, kpos), (ds.transpose(-1, -2) @ qc) * scale, accumulate=True)
-            dv_c.index_put_((rows, kpos), p.transpose(-1, -2) @ gc, accumulate=True)
-            if idx_all is not None and dm4 is not None:
-                idx = tuple(t if t.shape[1] == 1 else t[:, sl] for t in idx_all)
-                # Sum over the axes the mask broadcasts along, then scatter into its own shape.
-                target = torch.broadcast_shapes(*(t.shape for t in idx))
-                dims = [d for d in range(4) if target[d] == 1 and ds.shape[d] != 1]
-                dsum = ds.sum(dim=dims, keepdim=True) if dims else ds  # sum(dim=[]) would sum all
-                dm4[c.mask_index].index_put_(idx, dsum, accumulate=True)
-        dq[c.batch, c.heads] = dq_c.flatten(1, 2)[:, :seq_len]
+        per_block = n * block_size * sum(_slot_counts(c, geo))
+        for qbs in _block_ranges(geo.num_blocks, per_block, _BACKWARD_CHUNK_ELEMS):
+            f = _fold(c, geo, qbs)
+            qc, gc = f.q.to(acc), g_all[c.batch, c.heads, qbs].to(acc)
+            scores = [(qc @ p.k.to(acc).transpose(-1, -2)) * scale + p.mask.to(acc) for p in f.parts]
+            lse = torch.logsumexp(torch.stack([torch.logsumexp(s, dim=-1) for s in scores]), dim=0)[..., None]
+            lse = lse.masked_fill(lse == float("-inf"), 0.0)  # rows seeing nothing: p = 0 below
+            probs = [torch.exp(s - lse) for s in scores]
+            o = sum(pr @ p.v.to(acc) for pr, p in zip(probs, f.parts))
+            delta = (gc * o).sum(-1, keepdim=True)
+            dq_c = torch.zeros_like(qc)
+            for pr, p in zip(probs, f.parts):
+                kc, vc = p.k.to(acc), p.v.to(acc)
+                ds = pr * (gc @ vc.transpose(-1, -2) - delta)
+                dq_c += (ds @ kc) * scale
+                kpos = p.key_pos.expand(n, -1, -1)
+                dk_c.index_put_((rows, kpos), (ds.transpose(-1, -2) @ qc) * scale, accumulate=True)
+                dv_c.index_put_((rows, kpos), pr.transpose(-1, -2) @ gc, accumulate=True)
+                if dm4 is not None and c.mask is not None:
+                    idx, _ = _user_mask_index(c.mask, 1, n, f.query_pos, p.key_pos)
+                    # Sum over the axes the mask broadcasts along, then scatter into its own shape.
+                    target = torch.broadcast_shapes(*(t.shape for t in idx))
+                    dims = [d for d in range(4) if target[d] == 1 and ds.shape[d] != 1]
+                    dsum = ds.sum(dim=dims, keepdim=True) if dims else ds  # sum(dim=[]) would sum all
+                    dm4[c.mask_index].index_put_(idx, dsum, accumulate=True)
+            lo, hi = qbs.start * block_size, min(qbs.stop * block_size, seq_len)
+            dq[c.batch, c.heads, lo:hi] = dq_c.flatten(1, 2)[:, : hi - lo]
 
     dk_out = dk[:, :, :seq_len].unflatten(1, (-1, group)).sum(2)
     dv_out = dv[:, :, :seq_len].unflatten(1, (-1, group)).sum(2)

@@ -1,0 +1,248 @@
+"""Property tests: generated hand-written attention is found and rewritten exactly; near-misses are not.
+
+Each generated module spells softmax(Q·Kᵀ·scale + mask)·V a different way:
+layout (heads as an axis, folded into the batch, heads-last via einsum), how
+K is transposed (transpose, permute, stored pre-transposed), the scale form
+(after the product by mul or div, on Q before, split as sqrt on Q and K,
+none), the mask (none, additive padding, boolean masked_fill, a tril buffer,
+where(), a learned position bias), grouped-query attention (repeat_kv via
+expand+reshape, or repeat_interleave), softmax upcast, dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import attnrw
+
+#: Tolerance per dtype of an exact rewrite: fp32/fp64 as DESIGN.md states;
+#: bf16 keeps 8 bits of mantissa and the fused kernel rounds in another order.
+ATOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 3e-2}
+
+LAYOUTS = ("heads", "folded", "einsum_bshd")
+KEY_FORMS = ("transpose", "permute", "pretransposed")
+SCALES = ("mul_after", "div_after", "q_before", "sqrt_both", "none")
+MASKS = ("none", "additive", "bool_fill", "tril_buffer", "causal_where", "bias")
+GQA = ("none", "repeat_kv", "repeat_interleave")
+
+
+class HandWritten(nn.Module):
+    """A hand-written attention block assembled from the drawn spelling choices."""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__()
+        self.cfg = cfg
+        e, h, hkv, d = cfg["embed"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+        self.q = nn.Linear(e, h * d)
+        self.k = nn.Linear(e, hkv * d)
+        self.v = nn.Linear(e, hkv * d)
+        self.o = nn.Linear(h * d, e)
+        s = cfg["seq"]
+        self.register_buffer("tril", torch.tril(torch.ones(s, s, dtype=torch.bool)).view(1, 1, s, s))
+        self.bias = nn.Parameter(torch.randn(1, h, s, s) * 0.1)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        b, s, _ = x.shape
+        h, hkv, d = c["heads"], c["kv_heads"], c["head_dim"]
+        q = self.q(x).view(b, s, h, d)
+        k = self.k(x).view(b, s, hkv, d)
+        v = self.v(x).view(b, s, hkv, d)
+        scale = 1.0 / math.sqrt(d)
+        if c["scale"] == "q_before":
+            q = q * scale
+        elif c["scale"] == "sqrt_both":
+            q = q * math.sqrt(scale)
+            k = k * math.sqrt(scale)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if hkv != h:
+            n = h // hkv
+            if c["gqa"] == "repeat_interleave":
+                k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+            else:
+                k = k[:, :, None].expand(b, hkv, n, s, d).reshape(b, h, s, d)
+                v = v[:, :, None].expand(b, hkv, n, s, d).reshape(b, h, s, d)
+        if c["layout"] == "folded":
+            scores = torch.bmm(q.reshape(b * h, s, d), self._kt(k).reshape(b * h, d, s)).view(b, h, s, s)
+        elif c["layout"] == "einsum_bshd":
+            scores = torch.einsum("bqhd,bkhd->bhqk", q.transpose(1, 2), k.transpose(1, 2))
+        else:
+            scores = q @ self._kt(k)
+        if c["scale"] == "mul_after":
+            scores = scores * scale
+        elif c["scale"] == "div_after":
+            scores = scores / math.sqrt(d)
+        scores = self._mask(scores, pad)
+        if c["upcast"]:
+            probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        else:
+            probs = scores.softmax(dim=-1)
+        out = probs @ v
+        return self.o(out.transpose(1, 2).reshape(b, s, h * d))
+
+    def _kt(self, k: torch.Tensor) -> torch.Tensor:
+        form = self.cfg["key_form"]
+        if form == "permute":
+            return k.permute(0, 1, 3, 2)
+        if form == "pretransposed":
+            return k.transpose(-1, -2).contiguous()
+        return k.transpose(-2, -1)
+
+    def _mask(self, scores: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        kind = self.cfg["mask"]
+        s = scores.shape[-1]
+        if kind == "additive":
+            return scores + (1.0 - pad[:, None, None, :].to(scores.dtype)) * torch.finfo(scores.dtype).min
+        if kind == "bool_fill":
+            return scores.masked_fill(pad[:, None, None, :] == 0, float("-inf"))
+        if kind == "tril_buffer":
+            return scores.masked_fill(~self.tril[:, :, :s, :s], torch.finfo(scores.dtype).min)
+        if kind == "causal_where":
+            i = torch.arange(s, device=scores.device)
+            keep = i[None, :] <= i[:, None]
+            return torch.where(keep, scores, torch.tensor(-1e9, dtype=scores.dtype))
+        if kind == "bias":
+            return scores + self.bias.to(scores.dtype)
+        return scores
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> dict:
+    heads = draw(st.sampled_from((2, 4)))
+    gqa = draw(st.sampled_from(GQA))
+    kv_heads = heads if gqa == "none" else draw(st.sampled_from([h for h in (1, 2) if heads % h == 0 and h < heads]))
+    return {
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "gqa": gqa if kv_heads != heads else "none",
+        "head_dim": draw(st.sampled_from((4, 8))),
+        "embed": 16,
+        "seq": draw(st.integers(2, 11)),
+        "batch": draw(st.integers(1, 2)),
+        "layout": draw(st.sampled_from(LAYOUTS)),
+        "key_form": draw(st.sampled_from(KEY_FORMS)),
+        "scale": draw(st.sampled_from(SCALES)),
+        "mask": draw(st.sampled_from(MASKS)),
+        "upcast": draw(st.booleans()),
+        "dtype": draw(st.sampled_from((torch.float32, torch.float32, torch.float64, torch.bfloat16))),
+    }
+
+
+def _build(cfg: dict) -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    model = HandWritten(cfg).to(cfg["dtype"]).eval()
+    x = torch.randn(cfg["batch"], cfg["seq"], cfg["embed"], dtype=cfg["dtype"])
+    pad = torch.ones(cfg["batch"], cfg["seq"], dtype=torch.long)
+    if cfg["seq"] > 2:
+        pad[-1, -1] = 0
+    return model, (x, pad)
+
+
+def _attnrw_ops(ep: torch.export.ExportedProgram) -> int:
+    return sum(1 for n in ep.graph.nodes if n.op == "call_function" and "attnrw" in str(n.target))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs())
+def test_handwritten_variants_found_and_exact(cfg: dict) -> None:
+    model, args = _build(cfg)
+    with torch.no_grad():
+        ref = model(*args)
+        reports: list[attnrw.Report] = []
+        ep = attnrw.rewrite(model, args, report=reports)
+        out = ep.module()(*args)
+    (report,) = reports
+    assert len(report.sites) == 1 and not report.skipped, str(report)
+    assert _attnrw_ops(ep) == 1
+    site = report.sites[0]
+    assert site.num_heads == cfg["heads"] or cfg["layout"] == "folded"
+    if cfg["layout"] == "heads" and cfg["gqa"] == "repeat_kv":
+        assert site.num_kv_heads == cfg["kv_heads"]
+    if cfg["mask"] in ("tril_buffer", "causal_where"):
+        assert site.causal, site
+    if cfg["mask"] in ("none", "additive", "bool_fill", "bias") and cfg["seq"] > 1:
+        assert not site.causal, site
+    expected_scale = 1.0 if cfg["scale"] == "none" else 1.0 / math.sqrt(cfg["head_dim"])
+    assert site.scale == pytest.approx(expected_scale, rel=1e-6)
+    # softmax(x.float()) on a float64 model is a downcast: the model itself is only fp32-accurate there.
+    atol = ATOL[torch.float32] if cfg["upcast"] and cfg["dtype"] == torch.float64 else ATOL[cfg["dtype"]]
+    assert (out.double() - ref.double()).abs().max().item() <= atol
+
+
+# -- near-misses ---------------------------------------------------------------
+
+NEAR_MISSES = ("softmax_queries", "tensor_scale", "score_bias", "fill_zero", "probs_returned")
+
+
+class NearMiss(nn.Module):
+    """Attention-like code whose rewrite would change the result; it must be left alone."""
+
+    def __init__(self, kind: str, heads: int, dim: int) -> None:
+        super().__init__()
+        self.kind, self.heads, self.dim = kind, heads, dim
+        self.qkv = nn.Linear(16, 3 * heads * dim)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.dim).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2)
+        if self.kind == "tensor_scale":
+            scores = scores * self.temperature
+        else:
+            scores = scores / math.sqrt(self.dim)
+        if self.kind == "score_bias":
+            scores = scores + scores.mean(dim=-1, keepdim=True).exp()
+        if self.kind == "fill_zero":
+            scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), 0.0)
+        probs = scores.softmax(dim=-2 if self.kind == "softmax_queries" else -1)
+        out = (probs @ v).transpose(1, 2).reshape(b, s, -1)
+        return (out, probs) if self.kind == "probs_returned" else out
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(NEAR_MISSES),
+    heads=st.sampled_from((1, 2, 4)),
+    dim=st.sampled_from((4, 8)),
+    seq=st.integers(2, 9),
+)
+def test_near_misses_skipped_with_reason_and_untouched(kind: str, heads: int, dim: int, seq: int) -> None:
+    torch.manual_seed(0)
+    model = NearMiss(kind, heads, dim).eval()
+    x = torch.randn(2, seq, 16)
+    with torch.no_grad():
+        report = attnrw.inspect(model, (x,))
+        assert report.sites == []
+        assert len(report.skipped) == 1 and report.skipped[0].reason, str(report)
+        plain = torch.export.export(model, (x,)).run_decompositions(
+            __import__("attnrw.rewriter.trace", fromlist=["keep_sdpa_table"]).keep_sdpa_table()
+        )
+        ep = attnrw.rewrite(model, (x,))
+        assert _attnrw_ops(ep) == 0
+        before = [str(n.target) for n in plain.graph.nodes]
+        after = [str(n.target) for n in ep.graph.nodes]
+        assert before == after
+        torch.testing.assert_close(ep.module()(x), model(x))
+
+
+REASONS = {
+    "softmax_queries": "not the last (key) axis",
+    "tensor_scale": "scaled by a tensor",
+    "score_bias": "depends on the scores",
+    "fill_zero": "not a large negative constant",
+    "probs_returned": "also used elsewhere",
+}
+
+
+@pytest.mark.parametrize("kind", NEAR_MISSES)
+def test_near_miss_reasons(kind: str) -> None:
+    model = NearMiss(kind, 2, 4).eval()
+    report = attnrw.inspect(model, (torch.randn(1, 5, 16),))
+    assert [s.reason for s in report.skipped] and REASONS[kind] in report.skipped[0].reason, str(report)
