@@ -237,10 +237,11 @@ def test_gradients_match_reference(seq, causal, sinks, topk, mask_kind):
 
 
 def test_small_chunks_match_reference(monkeypatch):
-    """Work split into one chunk per (batch, kv head) and a few query blocks per backward step."""
+    """Work split into one chunk per (batch, kv head) and one query block per SDPA call / backward step."""
     from attnrw.kernels.sparse import reference
 
     monkeypatch.setattr(reference, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(reference, "_FOLD_CHUNK_ELEMS", 1)
     monkeypatch.setattr(reference, "_BACKWARD_CHUNK_ELEMS", 1)
     q, k, v = (t.requires_grad_() for t in make_inputs(45))
     mask = torch.randn(BATCH, HEADS, 45, 45, requires_grad=True)
