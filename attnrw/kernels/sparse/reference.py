@@ -21,14 +21,21 @@ Which keys query ``i`` sees (positions from 0):
 A window that covers the sequence gives dense attention.
 
 How it is computed (cost O(S·(W + sinks + k·bs))): queries are cut into
-blocks of ``bs`` folded into the batch axis of one 4-D SDPA call; each query
-block attends to the key blocks its band touches, read as an overlapping
-strided *view* of one padded copy of the keys (no gather), plus its top-k
-blocks (gathered). Sinks ride along for free: every block row of that padded
-copy starts with the ``sinks`` first keys, and a mask lets a query block
-count only the copy in the first row of its window. A per-block mask gives
-the exact band edges; the user mask is read only at the (query, key) pairs
-used, through its broadcast view.
+blocks of ``bs`` folded into the batch axis of 4-D SDPA calls (5-D inputs
+take a slow path); each query block attends to
+
+* its *window*: the key blocks its band touches, read as an overlapping
+  strided view of one padded copy of the keys (no gather). The sinks ride
+  along: every block row of that copy starts with the first ``sinks`` keys,
+  and the mask counts only the copy in the window's first row. A cached
+  per-block additive mask gives the exact band edges;
+* its top-k blocks (whole block rows gathered), and the sinks when there are
+  more than a block holds, each as a separate SDPA call; the partial results
+  are merged by their log-sum-exp, so no key set is ever concatenated.
+
+The user mask is read only at the (query, key) pairs used, through its
+broadcast view. The work goes by batch element and groups of kv heads, and
+within those by ranges of query blocks, so temporary buffers stay small.
 """
 
 from __future__ import annotations
@@ -89,10 +96,8 @@ def _geometry(seq_len: int, block_size: int, window: int, sinks: int, is_causal:
 def _blocked_rows(x: torch.Tensor, geo: _Geometry, heads: int) -> torch.Tensor:
     """Copy (batch, kv_heads, S, D) into (batch * heads, rows, row_sinks + bs, D) block rows.
 
-    ``heads`` is the number of query heads (GQA heads are expanded by the copy).
-
     Row ``r`` holds the sink keys, then key block ``r - before`` (zeros outside
-    the sequence). GQA heads are expanded by the same copy.
+    the sequence). ``heads`` counts query heads: GQA heads are expanded by the same copy.
     """
     batch, kv_heads, seq_len, dim = x.shape
     group = heads // kv_heads
@@ -169,25 +174,24 @@ def _window_bias(geo: _Geometry, device: torch.device, dtype: torch.dtype) -> to
 
 
 def _user_mask_index(
-    attn_mask: torch.Tensor, batch: int, heads: int, query_pos: torch.Tensor, key_pos: torch.Tensor
+    attn_mask: torch.Tensor, heads: int, query_pos: torch.Tensor, key_pos: torch.Tensor
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """Indices into the mask's own 4-D view for every (n, block, row, slot) the fold uses.
+    """Indices into the 4-D view of one batch element's mask for every (head, block, row, slot) used.
 
-    query_pos (nb, bs), key_pos (1 or n, nb, L). Returns (indices, 4-D view of
-    the mask); the indices broadcast to (1 or n, nb or 1, bs or 1, L or 1).
+    attn_mask broadcastable to (1, heads, S, S), query_pos (nb, bs), key_pos
+    (1 or heads, nb, L). Returns (indices, 4-D view of the mask); the indices
+    broadcast to (1 or heads, nb or 1, bs or 1, L or 1).
     Dimensions where the mask has size 1 are indexed with 0, so the gathered
     values keep them at size 1; nothing S×S is built.
     """
     m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     dev = attn_mask.device
     zero = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=dev)
-    n = torch.arange(batch * heads, device=dev).view(-1, 1, 1, 1)
-    bi = n // heads if m4.shape[0] > 1 else zero
-    hi = n % heads if m4.shape[1] > 1 else zero
+    hi = torch.arange(heads, device=dev).view(-1, 1, 1, 1) if m4.shape[1] > 1 else zero
     # Padding rows and unused slots point past the sequence: read any real entry, the fold masks them.
     qi = query_pos.clamp(max=m4.shape[2] - 1)[None, :, :, None] if m4.shape[2] > 1 else zero
     ki = key_pos.clamp(max=m4.shape[3] - 1)[:, :, None, :] if m4.shape[3] > 1 else zero
-    return (bi, hi, qi, ki), m4
+    return (zero, hi, qi, ki), m4
 
 
 def _per_head(x: torch.Tensor, heads: int, stop: int) -> torch.Tensor:
@@ -278,7 +282,7 @@ def _fold_elems(c: _Chunk, geo: _Geometry) -> int:
     n, _, bs, dim = c.q.shape
     dv = c.v.shape[-1]
     slots = _slot_counts(c, geo)
-    gathered = sum(slots[1:]) * (dim + dv)  # the window is a view; the other parts are copies
+    gathered = (slots[-1] if c.blocks is not None else 0) * (dim + dv)  # window and sinks are views
     masks = bs * sum(slots) if c.mask is not None else bs * sum(slots[1:])
     return n * (gathered + masks + 2 * len(slots) * bs * dv)
 
@@ -359,7 +363,7 @@ def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
         )
     if c.mask is not None:
         for p in parts:
-            idx, m4 = _user_mask_index(c.mask, 1, n, query_pos, p.key_pos)
+            idx, m4 = _user_mask_index(c.mask, n, query_pos, p.key_pos)
             user = m4[idx]
             p.mask = p.mask.masked_fill(~user, float("-inf")) if user.dtype == torch.bool else p.mask + user.to(dtype)
     return _Folded(c.q[:, qbs], query_pos, parts)
@@ -506,7 +510,7 @@ def sparse_attention_grads(
                 dk_c.index_put_((rows, kpos), (ds.transpose(-1, -2) @ qc) * scale, accumulate=True)
                 dv_c.index_put_((rows, kpos), pr.transpose(-1, -2) @ gc, accumulate=True)
                 if dm4 is not None and c.mask is not None:
-                    idx, _ = _user_mask_index(c.mask, 1, n, f.query_pos, p.key_pos)
+                    idx, _ = _user_mask_index(c.mask, n, f.query_pos, p.key_pos)
                     # Sum over the axes the mask broadcasts along, then scatter into its own shape.
                     target = torch.broadcast_shapes(*(t.shape for t in idx))
                     dims = [d for d in range(4) if target[d] == 1 and ds.shape[d] != 1]
