@@ -225,9 +225,17 @@ class MatchContext:
             return acts if len(acts) == 1 else []
         name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
         if is_order_preserving(n) or is_cast(n) or name in _POINTWISE_PREFIXES:
-            return [i for i in n.all_input_nodes if not self.is_static(i) and tensor_val(i) is not None]
+            return [i for i in n.all_input_nodes if not self.is_static(i) and _is_tensor_like(i)]
         return []
 
 
 def ancestors_of(node: Node) -> set[Node]:
     return _ancestors([node])
+
+
+def _is_tensor_like(node: Node) -> bool:
+    """A tensor, or a tuple of tensors (``split`` before its ``getitem``)."""
+    v = node.meta.get("val", node.meta.get("example_value"))
+    if isinstance(v, (list, tuple)):
+        return any(isinstance(x, torch.Tensor) for x in v)
+    return tensor_val(node) is not None
