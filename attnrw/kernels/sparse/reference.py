@@ -365,7 +365,10 @@ def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
         for p in parts:
             idx, m4 = _user_mask_index(c.mask, n, query_pos, p.key_pos)
             user = m4[idx]
-            p.mask = p.mask.masked_fill(~user, float("-inf")) if user.dtype == torch.bool else p.mask + user.to(dtype)
+            if user.dtype == torch.bool:
+                p.mask = torch.where(user, p.mask, torch.tensor(float("-inf"), dtype=dtype, device=dev))
+            else:
+                p.mask = p.mask + user.to(dtype)
     return _Folded(c.q[:, qbs], query_pos, parts)
 
 
@@ -383,12 +386,13 @@ def _attend(
     part other than the window, which always holds the query itself). Such
     rows output 0 and get logsumexp -inf.
     """
-    visible = (part.mask != float("-inf")).any(-1) if may_be_empty else None
+    # One reduction pass, no temporary: a row sees some key iff its largest mask entry is finite.
+    visible = part.mask.amax(-1) > float("-inf") if may_be_empty else None
     if not need_lse:
         # One 4-D SDPA call: query blocks are the "heads" axis (5-D inputs take a slow path).
         out = F.scaled_dot_product_attention(q, part.k, part.v, attn_mask=part.mask, scale=scale)
         # Backends differ on rows that see no key (the CPU kernel gives 0, others NaN).
-        return (out if visible is None else out.masked_fill(~visible[..., None], 0.0)), None
+        return (out if visible is None else out.masked_fill_(~visible[..., None], 0.0)), None
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, part.k, part.v, attn_mask=part.mask.expand(*q.shape[:2], -1, -1), scale=scale
