@@ -112,8 +112,13 @@ def test_program_arguments_that_do_not_apply(tmp_path, small):
         to_onnx(program, args, tmp_path / "m.onnx", policy=attnrw.Sparse(window=4))
     with pytest.raises(ConfigError, match="only static input shapes"):
         to_onnx(program, args, tmp_path / "m.onnx", dynamic_seq=True)
+    with pytest.raises(ConfigError, match="applies to a module"):
+        to_onnx(program, args, tmp_path / "m.onnx", dynamic_shapes={"q": {2: torch.export.Dim.DYNAMIC}})
+    with pytest.raises(ConfigError, match="not both"):
+        to_onnx(DenseSite(), args, tmp_path / "m.onnx", dynamic_seq=True, dynamic_shapes={})
     with pytest.raises(TypeError, match="nn.Module or an ExportedProgram"):
         to_onnx(lambda x: x, args, tmp_path / "m.onnx")
+    assert _leftovers(tmp_path) == []
 
 
 def test_library_prints_nothing(tmp_path, small, capsys):
