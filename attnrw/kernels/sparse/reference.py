@@ -11,9 +11,12 @@ Which keys query ``i`` sees (positions from 0):
 * causal: ``i - window < j <= i`` (the query itself counts);
   bidirectional: ``|i - j| <= window // 2``;
 * the first ``sinks`` keys ``j < sinks`` (causal: still only ``j <= i``);
-* with ``topk > 0``: the key blocks chosen for the query's block by
-  :func:`attnrw.kernels.sparse.layout.select_blocks` (causal: still only
-  ``j <= i``);
+* with ``topk > 0``: the ``topk`` key blocks (``[b·bs, (b+1)·bs)``) with the
+  highest pooled score (mean query of the query's block · mean key of the
+  block), chosen at run time per batch and head among the blocks that do not
+  intersect, even partly, the query block's band or the sinks (causal: only
+  earlier blocks, and still only ``j <= i``); see
+  :func:`attnrw.kernels.sparse.layout.select_blocks`;
 * then ``attn_mask`` on top, as in ``F.scaled_dot_product_attention``
   (bool: True = may attend; float: added to the scores). A query that sees
   no key (possible only through the mask) outputs 0.
