@@ -321,6 +321,8 @@ def parse_options(options: Mapping[str, Any] | None) -> tuple[PolicySpec, Backen
 
 def resolve_policy(spec: PolicySpec, site: AttentionSite) -> Policy | None:
     """The policy a spec gives one site, or ``None`` to leave the site as written."""
+    if isinstance(spec, Auto):
+        raise ConfigError("an Auto policy is calibrated as a whole (attnrw.calibrate), not resolved per site")
     if isinstance(spec, Policy):
         return spec
     if isinstance(spec, Mapping):
@@ -340,7 +342,9 @@ def resolve_policy(spec: PolicySpec, site: AttentionSite) -> Policy | None:
 
 def check_policy_spec(spec: Any) -> None:
     """Raise ``ConfigError`` early for a spec that is none of the accepted kinds."""
-    if isinstance(spec, Policy) or callable(spec):
+    from attnrw.rewriter.plan import Plan
+
+    if isinstance(spec, (Policy, Plan)) or callable(spec):
         return
     if isinstance(spec, Mapping):
         for k, v in spec.items():

@@ -60,6 +60,22 @@ class MatchContext:
         self._static: dict[Node, bool] = {}
         self._roots: dict[Node, frozenset[Node]] = {}
 
+    def for_copy(self, gm: GraphModule) -> MatchContext:
+        """The same knowledge for a copy of the graph (placeholders matched by position)."""
+        mine = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        theirs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        mapping = dict(zip(mine, theirs))
+        return MatchContext(
+            gm,
+            {mapping[n]: v for n, v in self._values.items() if n in mapping},
+            {mapping[n] for n in self.user_inputs if n in mapping},
+            {mapping[n] for n in self.constants if n in mapping},
+        )
+
+    def placeholder_values(self) -> list[Any]:
+        """The concrete value of every placeholder, in order (the graph's flat inputs)."""
+        return [self._values.get(n) for n in self.gm.graph.nodes if n.op == "placeholder"]
+
     # -- evaluation -------------------------------------------------------
     def value(self, node: Node) -> Any:
         """The concrete value of ``node``, evaluated from known placeholders; ``None`` if unknown."""

@@ -172,6 +172,8 @@ def classify_mask(
     if has_bias:
         parts.append("bias")
     kind = "+".join(parts) or "none"
-    if causal and not user and not has_bias and not extra:
+    if causal and not user and not has_bias and not extra and sq == sk:
+        # Only for square scores: is_causal aligns top-left, a mask built for
+        # a cache aligns bottom-right; they agree when q_len == kv_len.
         return MaskInfo(None, True, "causal", True)
     return MaskInfo(mask, causal, kind, is_causal)

@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 
-from attnrw.config import Dense, PolicySpec, check_policy_spec
+from attnrw.config import Auto, Dense, PolicySpec, check_policy_spec
 from attnrw.errors import ConfigError
 from attnrw.rewriter.replace import run_passes
+from attnrw.rewriter.calibrate import Calibrator, Progress
+from attnrw.rewriter.plan import Plan
 from attnrw.rewriter.report import Report
 from attnrw.rewriter.trace import export_context, export_program, sync_output_signature
 
@@ -65,9 +67,71 @@ def rewrite(
         raise ConfigError("dynamic_shapes applies when exporting a module; this program is already exported")
     ep = export_program(model, tuple(args or ()), kwargs, dynamic_shapes)
     ctx = export_context(ep, args, kwargs)
+    if isinstance(policy, Auto):
+        # Calibrate on the example inputs themselves; attnrw.calibrate takes a held-out set.
+        policy = _calibrate_program(ep, ctx, policy, [(tuple(args or ()), dict(kwargs or {}))], None, None)
     rep = run_passes(ep.graph_module, policy, ctx, name=type(model).__name__)
     sync_output_signature(ep)
     if report is not None:
         report.append(rep)
     log.info("%s", rep.summary())
     return ep
+
+
+Sample = tuple  # (args,) or (args, kwargs)
+
+
+def _samples(samples: Any, what: str) -> list[tuple[tuple, dict]]:
+    if isinstance(samples, tuple) and len(samples) in (1, 2) and isinstance(samples[0], (tuple, list)):
+        samples = [samples]
+    out = []
+    for s in samples:
+        if not isinstance(s, (tuple, list)) or len(s) not in (1, 2) or not isinstance(s[0], (tuple, list)):
+            raise ConfigError(f"each {what} sample must be (args,) or (args, kwargs), got {type(s).__name__}")
+        out.append((tuple(s[0]), dict(s[1]) if len(s) == 2 and s[1] is not None else {}))
+    if not out:
+        raise ConfigError(f"{what} needs at least one sample")
+    return out
+
+
+def _calibrate_program(
+    ep: torch.export.ExportedProgram,
+    ctx: Any,
+    auto: Auto,
+    calib: list[tuple[tuple, dict]],
+    check: list[tuple[tuple, dict]] | None,
+    progress: Progress | None,
+) -> Plan:
+    def flat(samples: list[tuple[tuple, dict]]) -> list[list[Any]]:
+        return [list(ep._graph_module_flat_inputs(a, k)) for a, k in samples]
+
+    calibrator = Calibrator(ep.graph_module, ctx.for_copy, auto, progress)
+    return calibrator.run(flat(calib), flat(check) if check else None)
+
+
+def calibrate(
+    model: Any,
+    calib: Any,
+    check: Any = None,
+    policy: Auto | None = None,
+    dynamic_shapes: Any = None,
+    progress: Progress | None = None,
+) -> Plan:
+    """Calibrate an :class:`~attnrw.Auto` policy into a :class:`~attnrw.rewriter.plan.Plan`.
+
+    ``calib`` and ``check`` are samples ``(args, kwargs)`` (one, or a list of
+    them, all of the shapes the model is exported with unless
+    ``dynamic_shapes`` says otherwise). Site errors are measured on
+    ``calib``; the model-level error is checked on ``check`` (default:
+    ``calib``). ``progress(stage, done, total)`` is called as work proceeds.
+    """
+    auto = policy if policy is not None else Auto(budget=0.01)
+    if not isinstance(auto, Auto):
+        raise ConfigError(f"calibrate takes an Auto policy, got {type(auto).__name__}")
+    calib_s = _samples(calib, "calib")
+    check_s = _samples(check, "check") if check is not None else None
+    args, kwargs = calib_s[0]
+    _check_model(model, args, kwargs)
+    ep = export_program(model, args, kwargs, dynamic_shapes)
+    ctx = export_context(ep, args, kwargs)
+    return _calibrate_program(ep, ctx, auto, calib_s, check_s, progress)

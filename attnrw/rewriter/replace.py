@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from torch.fx import GraphModule
 
-from attnrw.config import Policy, PolicySpec, resolve_policy
+from attnrw.config import Auto, Policy, PolicySpec, resolve_policy
+from attnrw.errors import ConfigError
 from attnrw.patterns.context import MatchContext
 from attnrw.patterns.find import find_sites
 from attnrw.patterns.graph import ASSERTS
@@ -62,6 +63,20 @@ def _drop_asserts(gm: GraphModule, interior: set) -> None:
                 gm.graph.erase_node(user)
 
 
+def _drop_dead_anchors(gm: GraphModule, matches: list[Match]) -> None:
+    """Erase replaced attention ops that DCE keeps (SDPA counts as impure: it may draw dropout noise)."""
+    live = set(gm.graph.nodes)
+    for m in matches:
+        node = m.anchor
+        if node is None or node not in live:
+            continue
+        users = list(node.users)
+        if all(not u.users and u.op == "call_function" for u in users):
+            for u in users:
+                gm.graph.erase_node(u)
+            gm.graph.erase_node(node)
+
+
 def cleanup(gm: GraphModule) -> None:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -80,8 +95,14 @@ def run_passes(
     report = Report(sites=[m.site for m in matches], skipped=list(skipped), graph=name)
     if spec is None:
         return report
-    policies = planner(matches, spec)
+    from attnrw.rewriter.plan import Plan
+
+    if isinstance(spec, Auto):
+        raise ConfigError("an Auto policy must be calibrated into a Plan before it is applied")
+    policies = spec.policies_for(matches) if isinstance(spec, Plan) else planner(matches, spec)
     report.decisions = replace(gm, matches, policies)
+    gm.graph.eliminate_dead_code()
+    _drop_dead_anchors(gm, [m for m, p in zip(matches, policies) if p is not None])
     for d in report.decisions:
         if d.op is None:
             report.skipped.append(Skipped(d.module_path, d.node, d.note))

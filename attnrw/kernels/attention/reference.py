@@ -4,7 +4,9 @@ Shapes: ``q`` (batch, heads, q_len, head_dim); ``k`` (batch, kv_heads, kv_len,
 head_dim); ``v`` (batch, kv_heads, kv_len, v_dim); ``heads`` a multiple of
 ``kv_heads`` (grouped-query attention). ``attn_mask`` broadcasts to
 (batch, heads, q_len, kv_len): boolean (True = may attend) or additive float,
-as in ``F.scaled_dot_product_attention``.
+as in ``F.scaled_dot_product_attention``. ``is_causal`` means what it means
+there: query i sees keys j <= i (aligned top-left when q_len != kv_len);
+the rewriter only sets it for such masks.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def dense_attention(
 
 
 def _and_causal(mask: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
-    """Combine a mask with the causal constraint (query i sees keys j <= i + kv_len - q_len)."""
-    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril(kv_len - q_len)
+    """Combine a mask with the causal constraint: query i sees keys j <= i (top-left, as SDPA's is_causal)."""
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril()
     if mask.dtype == torch.bool:
         return mask & causal
     return mask.masked_fill(~causal, float("-inf"))
@@ -66,7 +68,7 @@ def math_attention(
     s = q.to(torch.float64) @ k.transpose(-1, -2) * scale
     if is_causal:
         q_len, kv_len = s.shape[-2:]
-        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=s.device).tril(kv_len - q_len)
+        keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
@@ -105,7 +107,7 @@ def attention_grads(
         stop = min(start + block, q_len)
         s = qf[..., start:stop, :] @ kf.transpose(-1, -2) * scale
         if is_causal:
-            rows = torch.arange(start, stop, device=q.device)[:, None] + (kv_len - q_len)
+            rows = torch.arange(start, stop, device=q.device)[:, None]
             s = s.masked_fill(torch.arange(kv_len, device=q.device)[None, :] > rows, float("-inf"))
         if full_mask is not None:
             m = full_mask[..., start:stop, :]

@@ -1,0 +1,215 @@
+"""Calibration for the Auto policy: measure every candidate at every site, pick per site, check the model.
+
+1. Run the calibration inputs once through the graph with every site
+   instrumented: the canonical q, k, v and mask of each site come out as
+   extra outputs.
+2. For each site and candidate, run the candidate's op on those tensors and
+   measure its relative L2 error against dense attention; estimate the
+   attention FLOPs it saves.
+3. Per site, take the cheapest candidate whose error is within the budget.
+4. Rewrite the model with that plan, measure the model output's relative L2
+   error on the check inputs, and while it exceeds the budget move the site
+   with the largest error one step up its ladder (towards Dense).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from attnrw.config import Auto, Condense, Dense, Policy, Sparse
+from attnrw.patterns.context import MatchContext
+from attnrw.patterns.find import find_sites
+from attnrw.patterns.match import Match
+from attnrw.patterns.site import AttentionSite
+from attnrw.rewriter.emit import Emitter
+from attnrw.rewriter.lower import lower
+from attnrw.rewriter.plan import Plan, PlanEntry, site_keys
+
+log = logging.getLogger("attnrw.calibrate")
+
+Progress = Callable[[str, int, int], None]
+
+
+def default_candidates() -> tuple[Policy, ...]:
+    """The ladder tried when ``Auto.candidates`` is None: cheap windows, condensed, wider windows, dense."""
+    ladder: list[Policy] = [
+        Sparse(window=32, sinks=4),
+        Sparse(window=64, sinks=4),
+        Sparse(window=128, sinks=4),
+        Sparse(window=256, sinks=4),
+    ]
+    if hasattr(torch.ops.attnrw, "condensed_attention"):
+        ladder += [Condense(recent=64, group=16, sinks=4), Condense(recent=128, group=8, sinks=4)]
+    return tuple(ladder)
+
+
+def attention_flops(site: AttentionSite, policy: Policy) -> float:
+    """Multiply-add FLOPs of the two attention products of one site under a policy (per call)."""
+    heads, sq, sk = site.num_heads, site.q_len, site.kv_len
+    per_key = 2 * (site.head_dim + site.v_head_dim)
+    keys = (sk + 1) / 2 if site.causal else float(sk)
+    if site.self_attention and isinstance(policy, Sparse):
+        band = policy.window if site.causal else 2 * (policy.window // 2) + 1
+        keys = min(keys, band + policy.sinks + policy.topk * policy.block_size)
+    elif site.self_attention and isinstance(policy, Condense):
+        exact = policy.recent if site.causal else 2 * (policy.recent // 2) + 1
+        summaries = math.ceil(sk / policy.group) / (2 if site.causal else 1)
+        keys = min(keys, exact + policy.group + policy.sinks + summaries)
+    return float(site.batch * heads * sq * keys * per_key)
+
+
+@dataclass
+class _Stat:
+    err2: float = 0.0
+    ref2: float = 0.0
+
+    @property
+    def rel(self) -> float:
+        return math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else 0.0
+
+
+def _site_tensors(gm: GraphModule, matches: list[Match], inputs: Sequence[Any]) -> list[tuple]:
+    """Run ``gm`` once with each site's canonical (q, k, v, mask) added to its outputs."""
+    graph = gm.graph
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    original = out_node.args
+    emitter = Emitter(gm)
+    extra = []
+    with graph.inserting_before(out_node):
+        for m in matches:
+            mask = emitter.emit(m.mask) if m.mask is not None else None
+            extra.append((emitter.emit(m.q), emitter.emit(m.k), emitter.emit(m.v), mask))
+    flat = [t for group in extra for t in group if t is not None]
+    out_node.args = ((original[0], *flat),)
+    gm.recompile()
+    try:
+        with torch.no_grad():
+            result = gm(*inputs)
+    finally:
+        out_node.args = original
+        graph.eliminate_dead_code()
+        gm.recompile()
+    values = iter(result[1:])
+    return [tuple(next(values) if t is not None else None for t in group) for group in extra]
+
+
+def _rel_l2(out: Any, ref: Any) -> tuple[float, float]:
+    outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    refs = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    err2 = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(outs, refs))
+    ref2 = sum(float(b.double().pow(2).sum()) for b in refs)
+    return err2, ref2
+
+
+class Calibrator:
+    """Calibrates one graph (an export program's or a compiled graph) under an Auto policy.
+
+    ``ctx_for(gm)`` builds the match context of a graph module (a copy of the
+    calibrated one when checking a plan); inputs are the graph's flat inputs.
+    """
+
+    def __init__(
+        self,
+        gm: GraphModule,
+        ctx_for: Callable[[GraphModule], MatchContext],
+        auto: Auto,
+        progress: Progress | None = None,
+    ) -> None:
+        self.gm = gm
+        self.ctx_for = ctx_for
+        self.auto = auto
+        self.progress = progress or (lambda stage, done, total: None)
+        self.matches, _ = find_sites(gm, ctx_for(gm))
+        self.keys = site_keys([m.site for m in self.matches])
+        cands = auto.candidates if auto.candidates is not None else default_candidates()
+        cands = tuple(c for c in cands if not isinstance(c, Dense)) + (Dense(),)
+        self.candidates = cands
+
+    def run(self, calib: Sequence[Sequence[Any]], check: Sequence[Sequence[Any]] | None = None) -> Plan:
+        errors = self._measure(calib)
+        ladders = self._ladders(errors)
+        choice = {i: 0 for i in range(len(self.matches))}
+        notes: list[str] = []
+        for i, ladder in ladders.items():
+            if len(ladder) == 1:
+                notes.append(f"{self.keys[i]}: no candidate within the budget at this site; kept Dense")
+        model_error = self._check(ladders, choice, check or calib)
+        while model_error > self.auto.budget:
+            movable = [i for i in choice if choice[i] < len(ladders[i]) - 1]
+            if not movable:
+                break
+            worst = max(movable, key=lambda i: errors[i][ladders[i][choice[i]]])
+            choice[worst] += 1
+            log.info("model error %.3g > budget: %s moves up to %s", model_error, self.keys[worst],
+                     ladders[worst][choice[worst]])
+            model_error = self._check(ladders, choice, check or calib)
+        entries = []
+        for i, m in enumerate(self.matches):
+            c = ladders[i][choice[i]]
+            note = ""
+            if isinstance(c, Dense) and len(ladders[i]) > 1:
+                note = "moved up to Dense: the model-level error exceeded the budget"
+            elif isinstance(c, Dense):
+                note = "no candidate within the budget"
+            saved = attention_flops(m.site, Dense()) - attention_flops(m.site, c)
+            entries.append(PlanEntry(self.keys[i], c, errors[i][c], saved, note))
+        plan = Plan(entries, self.auto.budget, model_error, notes)
+        if plan.all_dense:
+            plan.notes.append("all-Dense plan: no candidate met the budget at any site")
+        return plan
+
+    # -- steps ------------------------------------------------------------
+    def _measure(self, calib: Sequence[Sequence[Any]]) -> dict[int, dict[Policy, float]]:
+        stats = {i: {c: _Stat() for c in self.candidates} for i in range(len(self.matches))}
+        total = len(calib) * len(self.matches)
+        done = 0
+        for inputs in calib:
+            tensors = _site_tensors(self.gm, self.matches, inputs)
+            for i, (m, (q, k, v, mask)) in enumerate(zip(self.matches, tensors)):
+                with torch.no_grad():
+                    dense = torch.ops.attnrw.attention(q, k, v, mask, m.is_causal, m.scale)
+                    for c in self.candidates:
+                        lo = lower(m, c)
+                        out = dense if lo.op is torch.ops.attnrw.attention.default else lo.op(
+                            q, k, v, mask, lo.is_causal, m.scale, *lo.extra
+                        )
+                        st = stats[i][c]
+                        st.err2 += float((out.double() - dense.double()).pow(2).sum())
+                        st.ref2 += float(dense.double().pow(2).sum())
+                done += 1
+                self.progress("calibrate", done, total)
+        return {i: {c: s.rel for c, s in per.items()} for i, per in stats.items()}
+
+    def _ladders(self, errors: dict[int, dict[Policy, float]]) -> dict[int, list[Policy]]:
+        """Per site: the candidates within the budget, cheapest first, ending with Dense."""
+        ladders = {}
+        for i, m in enumerate(self.matches):
+            ok = [c for c in self.candidates if not isinstance(c, Dense) and errors[i][c] <= self.auto.budget]
+            saving = [c for c in ok if attention_flops(m.site, c) < attention_flops(m.site, Dense())]
+            saving.sort(key=lambda c: attention_flops(m.site, c))
+            ladders[i] = [*saving, Dense()]
+        return ladders
+
+    def _check(self, ladders: dict[int, list[Policy]], choice: dict[int, int], check: Sequence[Sequence[Any]]) -> float:
+        from attnrw.rewriter.replace import run_passes
+
+        policies = {self.keys[i]: ladders[i][choice[i]] for i in choice}
+        plan = Plan([PlanEntry(k, p, 0.0, 0.0) for k, p in policies.items()], self.auto.budget)
+        work = copy.deepcopy(self.gm)
+        run_passes(work, plan, self.ctx_for(work), name="calibration check")
+        err2 = ref2 = 0.0
+        with torch.no_grad():
+            for inputs in check:
+                e, r = _rel_l2(work(*inputs), self.gm(*inputs))
+                err2 += e
+                ref2 += r
+        self.progress("check", 1, 1)
+        return math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
