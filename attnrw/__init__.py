@@ -5,6 +5,7 @@ Public API (see DESIGN.md):
 * :func:`inspect` -- the attention sites of a model, and the candidates skipped with reasons;
 * :func:`rewrite` -- an offline rewrite into a ``torch.export.ExportedProgram``;
 * :func:`backend` -- a ``torch.compile`` backend (also ``backend="attnrw"`` with no import);
+* :func:`calibrate` -- turn an :class:`Auto` policy into a per-site :class:`Plan` on sample inputs;
 * the policies :class:`Dense`, :class:`Sparse`, :class:`Merge`, :class:`Condense`, :class:`Auto`;
 * :mod:`attnrw.export` -- ONNX export (``attnrw.export.to_onnx``), imported on first use.
 
@@ -27,8 +28,9 @@ from attnrw.errors import (
     VerificationError,
 )
 from attnrw.patterns.site import AttentionSite, Skipped
-from attnrw.rewriter.api import inspect, rewrite
+from attnrw.rewriter.api import calibrate, inspect, rewrite
 from attnrw.rewriter.backend import backend
+from attnrw.rewriter.plan import Plan
 from attnrw.rewriter.report import Report
 
 __version__ = "0.1.0"
@@ -43,6 +45,7 @@ __all__ = [
     "ImplementationUnavailableError",
     "Merge",
     "ModelSpecError",
+    "Plan",
     "PlanError",
     "Policy",
     "Report",
@@ -50,6 +53,7 @@ __all__ = [
     "Sparse",
     "VerificationError",
     "backend",
+    "calibrate",
     "export",
     "inspect",
     "parse_options",

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 import attnrw
+from attnrw import cli_bench
 from attnrw.errors import AttnrwError, ConfigError, ModelSpecError, VerificationError
 
 log = logging.getLogger("attnrw.cli")
@@ -88,6 +89,8 @@ class LoadedModel:
     args: tuple
     kwargs: dict[str, Any] = field(default_factory=dict)
     spec: str = ""
+    #: Draws another (args, kwargs) sample of the same shapes, where the MODEL form can (hf:).
+    fresh_inputs: Callable[[], tuple[tuple, dict[str, Any]]] | None = None
 
 
 # --- MODEL forms ------------------------------------------------------------------------
@@ -261,7 +264,7 @@ def _load_hf(spec: str, batch: int, seq_len: int) -> LoadedModel:
         raise ModelSpecError(f"cannot load {spec!r} with transformers: {type(e).__name__}: {e}") from e
     model.eval()
     kwargs = hf_inputs(model, config, batch, seq_len)
-    return LoadedModel(model, (), kwargs, spec)
+    return LoadedModel(model, (), kwargs, spec, lambda: ((), hf_inputs(model, config, batch, seq_len)))
 
 
 def hf_inputs(model: nn.Module, config: Any, batch: int, seq_len: int) -> dict[str, Any]:
@@ -357,10 +360,19 @@ def _dynamic_inputs(program: torch.export.ExportedProgram) -> list[str]:
 # --- policy flags -----------------------------------------------------------------------
 
 
-def policy_from_args(ns: argparse.Namespace) -> attnrw.Policy:
-    """The policy named by ``--policy`` with the policy flags that were given (``ConfigError`` if bad)."""
+def policy_from_args(ns: argparse.Namespace) -> attnrw.Policy | attnrw.Plan:
+    """The policy named by ``--policy`` with the policy flags that were given, or the ``--plan`` file."""
     flags = {field_: getattr(ns, dest) for dest, field_ in POLICY_FLAGS.items() if getattr(ns, dest, None) is not None}
+    plan = getattr(ns, "plan", None)
+    if plan is not None:
+        if flags or ns.policy != "dense":
+            raise ConfigError("--plan fixes every site's policy; drop --policy and the policy flags")
+        return attnrw.Plan.load(plan)
     return attnrw.policy_from_dict({"policy": ns.policy, **flags})
+
+
+def _policy_name(policy: attnrw.Policy | attnrw.Plan) -> str:
+    return "plan" if isinstance(policy, attnrw.Plan) else policy.name
 
 
 # --- atomic output ----------------------------------------------------------------------
@@ -431,7 +443,7 @@ def cmd_rewrite(ns: argparse.Namespace) -> int:
         for n in program.graph.nodes
         if n.op == "call_function" and getattr(n.target, "namespace", None) == "attnrw"
     )
-    print(f"wrote {out}: {ops} call(s) to torch.ops.attnrw.* (policy {policy.name})")
+    print(f"wrote {out}: {ops} call(s) to torch.ops.attnrw.* (policy {_policy_name(policy)})")
     return EXIT_OK
 
 
@@ -455,7 +467,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
     write_atomically(out, write)
     verified = "not verified" if ns.no_verify else "verified in onnxruntime"
-    print(f"wrote {out} (policy {policy.name}, {verified})")
+    print(f"wrote {out} (policy {_policy_name(policy)}, {verified})")
     return EXIT_OK
 
 
@@ -514,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_output(p, ".pt2")
     _add_policy(p)
+    p.add_argument("--plan", default=None, help="apply a saved plan (from attnrw bench --plan-out)")
     p.set_defaults(func=cmd_rewrite)
 
     p = sub.add_parser("export", help="rewrite and export to ONNX, verified in onnxruntime")
@@ -522,8 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy(p)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: attnrw's choice)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison against PyTorch")
+    p.add_argument("--plan", default=None, help="apply a saved plan (from attnrw bench --plan-out)")
     p.set_defaults(func=cmd_export)
+
+    cli_bench.add_parser(sub, _add_model, _add_policy)
+    sub.choices["bench"].set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    """``attnrw bench MODEL --policy auto --budget B``: calibrate, rewrite, measure speed and error."""
+    policy = policy_from_args(ns)
+    loaded = _load(ns)
+    return cli_bench.run(ns, loaded, policy, _check_output, write_atomically)
 
 
 def _setup_logging(verbosity: int) -> None:

@@ -306,6 +306,10 @@ def parse_options(options: Mapping[str, Any] | None) -> tuple[PolicySpec, Backen
     opts = dict(options or {})
     backend_kw = {k: opts.pop(k) for k in list(opts) if k in _BACKEND_KEYS}
     settings = BackendSettings(**backend_kw)
+    if settings.plan is not None and opts:
+        raise ConfigError(
+            f"options {', '.join(map(repr, sorted(opts)))} given beside 'plan'; a saved plan fixes every site's policy"
+        )
     policy = opts.pop("policy", None)
     if isinstance(policy, Policy) or (isinstance(policy, Mapping)) or callable(policy):
         if opts:

@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from attnrw.config import BackendSettings, PolicySpec, check_policy_spec, parse_options
+from attnrw.config import Auto, BackendSettings, PolicySpec, check_policy_spec, parse_options
+from attnrw.patterns.graph import hint
+from attnrw.rewriter.calibrate import Calibrator
+from attnrw.rewriter.plan import Plan
 from attnrw.rewriter.replace import run_passes
 from attnrw.rewriter.report import Report
 from attnrw.rewriter.trace import compile_context, trace_to_aten
@@ -36,16 +39,26 @@ class AttnrwBackend:
         settings: BackendSettings = BackendSettings(),
     ) -> None:
         check_policy_spec(policy)
+        if settings.plan is not None:
+            policy = Plan.load(settings.plan)
         self.policy = policy
         self.on_report = on_report
         self.settings = settings
         self._graphs = 0
+        self.plans: list[Plan] = []
 
     def __call__(self, gm: GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         self._graphs += 1
         agm = trace_to_aten(gm, example_inputs)
         ctx = compile_context(agm, gm, example_inputs)
-        report = run_passes(agm, self.policy, ctx, name=f"graph {self._graphs}")
+        policy = self.policy
+        if isinstance(policy, Auto):
+            # Calibrate on this call's inputs (they are real tensors here).
+            inputs = [hint(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]
+            policy = Calibrator(agm, ctx.for_copy, policy).run([inputs])
+            self.plans.append(policy)
+            log.info("attnrw: calibrated plan for graph %d\n%s", self._graphs, policy)
+        report = run_passes(agm, policy, ctx, name=f"graph {self._graphs}")
         log.info("attnrw: %s", report.summary())
         if self.on_report is not None:
             self.on_report(report)

@@ -6,10 +6,11 @@
 2. For each site and candidate, run the candidate's op on those tensors and
    measure its relative L2 error against dense attention; estimate the
    attention FLOPs it saves.
-3. Per site, take the cheapest candidate whose error is within the budget.
-4. Rewrite the model with that plan, measure the model output's relative L2
-   error on the check inputs, and while it exceeds the budget move the site
-   with the largest error one step up its ladder (towards Dense).
+3. Start from the cheapest *uniform* candidate whose model-level error (the
+   model output's relative L2 error on the check inputs) is within the
+   budget, so a plan never costs more than the best uniform policy.
+4. Then, site by site (smallest site error first), move each site down to
+   the cheapest candidate that keeps the model within the budget.
 """
 
 from __future__ import annotations
@@ -132,39 +133,64 @@ class Calibrator:
         cands = auto.candidates if auto.candidates is not None else default_candidates()
         cands = tuple(c for c in cands if not isinstance(c, Dense)) + (Dense(),)
         self.candidates = cands
+        self._checks = 0
 
     def run(self, calib: Sequence[Sequence[Any]], check: Sequence[Sequence[Any]] | None = None) -> Plan:
+        """Calibrate: site errors on ``calib``, then a search on the model error over ``check``."""
+        check = check or calib
         errors = self._measure(calib)
-        ladders = self._ladders(errors)
-        choice = {i: 0 for i in range(len(self.matches))}
-        notes: list[str] = []
-        for i, ladder in ladders.items():
-            if len(ladder) == 1:
-                notes.append(f"{self.keys[i]}: no candidate within the budget at this site; kept Dense")
-        model_error = self._check(ladders, choice, check or calib)
-        while model_error > self.auto.budget:
-            movable = [i for i in choice if choice[i] < len(ladders[i]) - 1]
-            if not movable:
+        n = len(self.matches)
+        dense = Dense()
+        cheaper = {i: self._saving(i) for i in range(n)}
+
+        # 1. The cheapest uniform policy within the budget is the starting point,
+        #    so the plan never costs more than the best uniform choice.
+        best = [dense] * n
+        uniform = sorted(
+            (c for c in self.candidates if not isinstance(c, Dense)),
+            key=lambda c: sum(attention_flops(m.site, c) for m in self.matches),
+        )
+        best_error = self._check(best, check)
+        for c in uniform:
+            trial = [c if c in cheaper[i] else dense for i in range(n)]
+            err = self._check(trial, check)
+            if err <= self.auto.budget:
+                best, best_error = trial, err
                 break
-            worst = max(movable, key=lambda i: errors[i][ladders[i][choice[i]]])
-            choice[worst] += 1
-            log.info("model error %.3g > budget: %s moves up to %s", model_error, self.keys[worst],
-                     ladders[worst][choice[worst]])
-            model_error = self._check(ladders, choice, check or calib)
-        entries = []
+        # 2. Then each site, most robust first, moves down to the cheapest
+        #    candidate that keeps the model within the budget.
+        order = sorted(range(n), key=lambda i: min((errors[i][c] for c in cheaper[i]), default=math.inf))
+        for i in order:
+            current = attention_flops(self.matches[i].site, best[i])
+            for c in cheaper[i]:
+                if attention_flops(self.matches[i].site, c) >= current:
+                    break
+                trial = [*best[:i], c, *best[i + 1 :]]
+                err = self._check(trial, check)
+                if err <= self.auto.budget:
+                    best, best_error = trial, err
+                    break
+
+        entries, notes = [], []
         for i, m in enumerate(self.matches):
-            c = ladders[i][choice[i]]
+            c = best[i]
             note = ""
-            if isinstance(c, Dense) and len(ladders[i]) > 1:
-                note = "moved up to Dense: the model-level error exceeded the budget"
-            elif isinstance(c, Dense):
-                note = "no candidate within the budget"
-            saved = attention_flops(m.site, Dense()) - attention_flops(m.site, c)
+            if isinstance(c, Dense):
+                note = "no candidate keeps the model within the budget" if cheaper[i] else "no candidate saves work here"
+                notes.append(f"{self.keys[i]}: {note}; kept Dense")
+            saved = attention_flops(m.site, dense) - attention_flops(m.site, c)
             entries.append(PlanEntry(self.keys[i], c, errors[i][c], saved, note))
-        plan = Plan(entries, self.auto.budget, model_error, notes)
+        plan = Plan(entries, self.auto.budget, best_error, notes)
         if plan.all_dense:
             plan.notes.append("all-Dense plan: no candidate met the budget at any site")
         return plan
+
+    def _saving(self, i: int) -> list[Policy]:
+        """The candidates that save work at site ``i``, cheapest first."""
+        site = self.matches[i].site
+        full = attention_flops(site, Dense())
+        out = [c for c in self.candidates if not isinstance(c, Dense) and attention_flops(site, c) < full]
+        return sorted(out, key=lambda c: attention_flops(site, c))
 
     # -- steps ------------------------------------------------------------
     def _measure(self, calib: Sequence[Sequence[Any]]) -> dict[int, dict[Policy, float]]:
@@ -188,21 +214,11 @@ class Calibrator:
                 self.progress("calibrate", done, total)
         return {i: {c: s.rel for c, s in per.items()} for i, per in stats.items()}
 
-    def _ladders(self, errors: dict[int, dict[Policy, float]]) -> dict[int, list[Policy]]:
-        """Per site: the candidates within the budget, cheapest first, ending with Dense."""
-        ladders = {}
-        for i, m in enumerate(self.matches):
-            ok = [c for c in self.candidates if not isinstance(c, Dense) and errors[i][c] <= self.auto.budget]
-            saving = [c for c in ok if attention_flops(m.site, c) < attention_flops(m.site, Dense())]
-            saving.sort(key=lambda c: attention_flops(m.site, c))
-            ladders[i] = [*saving, Dense()]
-        return ladders
-
-    def _check(self, ladders: dict[int, list[Policy]], choice: dict[int, int], check: Sequence[Sequence[Any]]) -> float:
+    def _check(self, policies: list[Policy], check: Sequence[Sequence[Any]]) -> float:
+        """The model output's relative L2 error over ``check`` with ``policies`` applied."""
         from attnrw.rewriter.replace import run_passes
 
-        policies = {self.keys[i]: ladders[i][choice[i]] for i in choice}
-        plan = Plan([PlanEntry(k, p, 0.0, 0.0) for k, p in policies.items()], self.auto.budget)
+        plan = Plan([PlanEntry(k, p, 0.0, 0.0) for k, p in zip(self.keys, policies)], self.auto.budget)
         work = copy.deepcopy(self.gm)
         run_passes(work, plan, self.ctx_for(work), name="calibration check")
         err2 = ref2 = 0.0
@@ -211,5 +227,6 @@ class Calibrator:
                 e, r = _rel_l2(work(*inputs), self.gm(*inputs))
                 err2 += e
                 ref2 += r
-        self.progress("check", 1, 1)
+        self._checks += 1
+        self.progress("check", self._checks, self._checks)
         return math.sqrt(err2 / ref2) if ref2 > 0 else 0.0

@@ -152,13 +152,13 @@ class Plan:
         from attnrw.rewriter.report import _table
 
         rows = [
-            (e.site, _policy_text(e.policy), f"{e.site_error:.2e}", f"{e.flops_saved / 1e6:.1f}", e.note)
+            (e.site, _policy_text(e.policy), f"{e.site_error:.2e}", f"{e.flops_saved:.3g}", e.note)
             for e in self.entries
         ]
         head = f"Plan: budget {self.budget:g} (relative L2)"
         if self.model_error is not None:
             head += f", model error on the check inputs {self.model_error:.2e}"
-        lines = [head, *_table(("site", "policy", "site error", "MFLOP saved", "note"), rows)]
+        lines = [head, *_table(("site", "policy", "site error", "FLOP saved", "note"), rows)]
         lines += self.notes
         return "\n".join(lines)
 

@@ -1,0 +1,199 @@
+"""``attnrw bench``: rewrite a model under a policy (calibrating Auto), then measure speed and error.
+
+The table printed is the plan (per site: policy, site error, FLOPs saved),
+then the end-to-end speed-up and output error against the unmodified model.
+``--plot`` draws per-site error against FLOPs saved, and the model's speed
+and error over a few budgets around the one asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import attnrw
+from attnrw.config import Auto, Policy
+from attnrw.errors import ConfigError
+from attnrw.rewriter.plan import Plan
+
+log = logging.getLogger("attnrw.cli")
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr (only when stderr is a terminal, unless forced)."""
+
+    def __init__(self, stream: Any = None, width: int = 30, enabled: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        frac = done / total if total else 1.0
+        filled = int(self.width * frac)
+        bar = "#" * filled + "-" * (self.width - filled)
+        end = "\n" if stage == "calibrate" and done >= total else ""
+        self.stream.write(f"\r{stage:>9} [{bar}] {done}/{total}{end}")
+        self.stream.flush()
+
+
+@dataclass
+class BenchResult:
+    policy: str
+    plan: Plan | None
+    t_ref: float
+    t_new: float
+    rel_l2: float
+    max_abs: float
+
+    @property
+    def speedup(self) -> float:
+        return self.t_ref / self.t_new if self.t_new > 0 else math.inf
+
+
+def _floats(out: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _time(fn: Callable[[], Any], repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(
+    model: Any,
+    args: tuple,
+    kwargs: dict,
+    policy: Policy | Plan,
+    repeat: int,
+    calib: list | None = None,
+    check: list | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> BenchResult:
+    """Rewrite under ``policy`` (calibrating Auto first) and compare with the unmodified model."""
+    plan = None
+    if isinstance(policy, Auto):
+        plan = attnrw.calibrate(model, calib or [(args, kwargs)], check, policy=policy, progress=progress)
+        policy = plan
+    program = attnrw.rewrite(model, args, kwargs, policy=policy)
+    rewritten = program.module()
+    reference = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    with torch.no_grad():
+        ref = _floats(reference(*args, **kwargs))
+        out = _floats(rewritten(*args, **kwargs))
+        t_ref = _time(lambda: reference(*args, **kwargs), repeat)
+        t_new = _time(lambda: rewritten(*args, **kwargs), repeat)
+    err2 = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(out, ref))
+    ref2 = sum(float(b.double().pow(2).sum()) for b in ref)
+    max_abs = max((float((a - b).abs().max()) for a, b in zip(out, ref)), default=0.0)
+    name = "plan" if isinstance(policy, Plan) else policy.name
+    return BenchResult(name, plan, t_ref, t_new, math.sqrt(err2 / ref2) if ref2 else 0.0, max_abs)
+
+
+def plot(path: Path, main: BenchResult, curve: list[tuple[float, BenchResult]]) -> None:
+    """Per-site error vs FLOPs saved (left); the model's speed-up and error over budgets (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    if main.plan is not None:
+        xs = [max(e.flops_saved, 1.0) for e in main.plan.entries]
+        ys = [max(e.site_error, 1e-12) for e in main.plan.entries]
+        ax1.scatter(xs, ys, c="tab:blue")
+        for e, x, y in zip(main.plan.entries, xs, ys):
+            ax1.annotate(e.site.split("#")[0].split(".")[-2] if "." in e.site else e.site, (x, y), fontsize=6)
+        ax1.axhline(main.plan.budget, color="tab:red", linestyle="--", label=f"budget {main.plan.budget:g}")
+        ax1.set_xscale("log")
+        ax1.set_yscale("log")
+        ax1.legend()
+    ax1.set_xlabel("FLOPs saved at the site")
+    ax1.set_ylabel("site error vs dense (relative L2)")
+    ax1.set_title("per site")
+    if curve:
+        budgets = [b for b, _ in curve]
+        ax2.plot(budgets, [r.speedup for _, r in curve], "o-", color="tab:green", label="speed-up")
+        ax2.set_xscale("log")
+        ax2.set_xlabel("budget")
+        ax2.set_ylabel("speed-up vs unmodified")
+        ax3 = ax2.twinx()
+        ax3.plot(budgets, [max(r.rel_l2, 1e-12) for _, r in curve], "s--", color="tab:orange", label="error")
+        ax3.set_yscale("log")
+        ax3.set_ylabel("model error (relative L2)")
+    ax2.set_title("model")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def add_parser(sub: Any, add_model: Callable, add_policy: Callable) -> None:
+    p = sub.add_parser("bench", help="rewrite (calibrating --policy auto) and measure speed-up and error")
+    add_model(p)
+    add_policy(p)
+    p.add_argument("--plan", default=None, help="apply a saved plan instead of a policy")
+    p.add_argument("--calib", type=int, default=1, help="calibration batches (hf: models draw fresh inputs)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per model (median)")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw the error/cost plots to this PNG")
+    p.add_argument("--plan-out", default=None, metavar="PLAN.json", help="save the calibrated plan")
+    p.add_argument("--force", action="store_true", help="overwrite --plot / --plan-out files")
+
+
+def run(ns: argparse.Namespace, loaded: Any, policy: Policy | Plan, check_output: Callable, write: Callable) -> int:
+    """The ``bench`` command once the model and policy are known."""
+    outs = [Path(p) for p in (ns.plot, ns.plan_out) if p]
+    for path in outs:
+        check_output(path, ns.force)
+    if ns.calib < 1 or ns.repeat < 1:
+        raise ConfigError("--calib and --repeat must be at least 1")
+    calib = [(loaded.args, loaded.kwargs)]
+    if ns.calib > 1:
+        if loaded.fresh_inputs is None:
+            raise ConfigError("--calib N > 1 needs a model that can draw inputs (hf:PATH); factories give one sample")
+        calib += [loaded.fresh_inputs() for _ in range(ns.calib - 1)]
+    check = [loaded.fresh_inputs()] if loaded.fresh_inputs is not None else None
+    bar = ProgressBar()
+    result = measure(loaded.model, loaded.args, loaded.kwargs, policy, ns.repeat, calib, check, bar)
+    if result.plan is not None:
+        print(result.plan)
+    print(
+        f"\nend to end ({ns.repeat} runs, median): unmodified {result.t_ref * 1e3:.1f} ms, "
+        f"rewritten {result.t_new * 1e3:.1f} ms, speed-up {result.speedup:.2f}x; "
+        f"output error: relative L2 {result.rel_l2:.2e}, max abs {result.max_abs:.2e}"
+    )
+    if ns.plan_out and result.plan is not None:
+        target = Path(ns.plan_out)
+        write(target, lambda tmp: result.plan.save(tmp / target.name))
+        print(f"wrote {target}")
+    elif ns.plan_out:
+        raise ConfigError("--plan-out needs --policy auto (there is no plan to save)")
+    if ns.plot:
+        curve: list[tuple[float, BenchResult]] = []
+        if isinstance(policy, Auto):
+            for factor in (0.1, 1.0, 10.0):
+                auto = Auto(budget=policy.budget * factor, candidates=policy.candidates)
+                r = result if factor == 1.0 else measure(loaded.model, loaded.args, loaded.kwargs, auto,
+                                                         ns.repeat, calib, check, bar)
+                curve.append((auto.budget, r))
+        else:
+            curve.append((result.rel_l2 or 1e-12, result))
+        target = Path(ns.plot)
+        write(target, lambda tmp: plot(tmp / target.name, result, curve))
+        print(f"wrote {target}")
+    return 0
