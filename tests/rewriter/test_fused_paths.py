@@ -63,3 +63,25 @@ def test_bad_model_and_args_are_typed_errors() -> None:
         attnrw.inspect(SelfMHA("none"), torch.randn(2, 7, 32))
     with pytest.raises(attnrw.ConfigError, match="policy"):
         attnrw.rewrite(SelfMHA("none"), (torch.randn(2, 7, 32), torch.zeros(2, 7, dtype=torch.bool)), policy=3)
+
+
+@pytest.mark.parametrize("mask_type", [None, 0, 1])
+def test_native_mha_decomposition_matches_the_fused_op(mask_type: int | None) -> None:
+    """The decomposition used when the fast path shows up in a trace computes what the fused op does."""
+    from attnrw.rewriter.fused import FUSED_DECOMPOSITIONS
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 7, 32)
+    mask = None
+    if mask_type == 0:
+        mask = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    elif mask_type == 1:
+        mask = torch.zeros(2, 7, dtype=torch.bool)
+        mask[1, -2:] = True
+    args = (x, x, x, 32, 4, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias,
+            mask, False, True, mask_type)
+    with torch.no_grad():
+        ref = torch.ops.aten._native_multi_head_attention.default(*args)[0]
+        out = FUSED_DECOMPOSITIONS[torch.ops.aten._native_multi_head_attention.default](*args)[0]
+    assert (out - ref).abs().max().item() <= 1e-5
