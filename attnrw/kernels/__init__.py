@@ -7,3 +7,4 @@ when used). Kernels know nothing of graphs.
 
 from attnrw.kernels import attention  # noqa: F401
 from attnrw.kernels import sparse  # noqa: F401
+from attnrw.kernels import merge  # noqa: F401

@@ -1,0 +1,156 @@
+"""Registration of ``attnrw::merged_attention`` and its backward as torch custom ops.
+
+``impl`` picks how the attention on the merged tokens runs: ``"torch"``
+PyTorch's SDPA, ``"triton"`` the kernel of :mod:`attnrw.kernels.merge.triton`
+(imported only here and only when asked for), ``"auto"`` Triton on CUDA
+tensors when triton imports, PyTorch otherwise. The merge step (matching,
+averaging, bias) is PyTorch ops either way. An explicit ``"triton"`` that
+cannot run raises :class:`~attnrw.errors.ImplementationUnavailableError`;
+it never falls back.
+
+The backward is an op of its own (autograd is off inside a custom op's
+implementation) and always runs the PyTorch recomputation with explicit
+math, whichever implementation ran the forward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from attnrw.config import IMPLS
+from attnrw.errors import ImplementationUnavailableError
+from attnrw.kernels.attention.op import empty_sdpa_layout
+from attnrw.kernels.merge.plan import check_inputs
+from attnrw.kernels.merge.reference import Attend, attend_torch, merged_attention_grads, merged_attention_torch
+
+
+def _load_triton() -> ModuleType:
+    """Import the Triton implementation; ImportError (or any import-time failure) propagates."""
+    return importlib.import_module("attnrw.kernels.merge.triton")
+
+
+def _why_no_triton(device: torch.device) -> str | None:
+    """Why the Triton kernel cannot run on ``device`` here, or None when it can."""
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return (
+            f"the Triton merged-attention kernel needs CUDA tensors (got {device.type}), or CPU tensors "
+            "with TRITON_INTERPRET=1 set before triton is imported; use impl='torch' or impl='auto'"
+        )
+    try:
+        _load_triton()
+    except Exception as e:  # noqa: BLE001 - any import failure means "unavailable", reported with its cause
+        return f"triton could not be imported ({type(e).__name__}: {e}); install triton or use impl='torch'"
+    return None
+
+
+def resolve_attend(impl: str, device: torch.device) -> Attend:
+    """The attention function ``impl`` names for tensors on ``device``."""
+    if impl == "torch":
+        return attend_torch
+    if impl == "triton":
+        why = _why_no_triton(device)
+        if why is not None:
+            raise ImplementationUnavailableError(why)
+        return _load_triton().biased_attention_triton
+    if impl == "auto":
+        if device.type == "cuda" and _why_no_triton(device) is None:
+            return _load_triton().biased_attention_triton
+        return attend_torch
+    raise ValueError(f"merged_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+
+
+# Schemas written out: inferred ones would make r and protect SymInts, but they are policy
+# constants, and the rewriter emits exactly this signature.
+@torch.library.custom_op(
+    "attnrw::merged_attention",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float scale, float ratio, int r, "
+    "str mode, int[] protect, str impl) -> Tensor",
+)
+def merged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    ratio: float,
+    r: int,
+    mode: str,
+    protect: list[int],
+    impl: str,
+) -> torch.Tensor:
+    """Attention over merged tokens; the rule is in :mod:`attnrw.kernels.merge.reference`.
+
+    q (batch, heads, q_len, D), k (batch, kv_heads, kv_len, D), v (batch,
+    kv_heads, kv_len, Dv) -> (batch, heads, q_len, Dv), laid out in memory as
+    (batch, q_len, heads, Dv) like ``attnrw::attention``. ``r >= 0`` merges
+    away r tokens, ``r == -1`` ``round(ratio · kv_len)``; ``mode`` is
+    ``"kv"`` or ``"qkv"``; ``protect`` lists positions that never merge;
+    ``is_causal=True`` raises ``ValueError``.
+    """
+    check_inputs(q, k, v, attn_mask, is_causal, ratio, r, mode, protect)
+    attend = resolve_attend(impl, q.device)
+    return merged_attention_torch(q, k, v, attn_mask, is_causal, scale, ratio, r, mode, protect, attend)
+
+
+@merged_attention.register_fake
+def _merged_attention_fake(q, k, v, attn_mask, is_causal, scale, ratio, r, mode, protect, impl):
+    check_inputs(q, k, v, attn_mask, is_causal, ratio, r, mode, protect)
+    if impl not in IMPLS:
+        raise ValueError(f"merged_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    return empty_sdpa_layout(q, v.shape[-1])
+
+
+@torch.library.custom_op(
+    "attnrw::merged_attention_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float scale, "
+    "float ratio, int r, str mode, int[] protect, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def merged_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    ratio: float,
+    r: int,
+    mode: str,
+    protect: list[int],
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`merged_attention` for q, k, v and (when ``mask_grad``) the float mask.
+
+    The merge selection is a constant; the averaging, the bias and the
+    attention are differentiated. The mask gradient is empty when not asked for.
+    """
+    return merged_attention_grads(grad_out, q, k, v, attn_mask, is_causal, scale, ratio, r, mode, protect, mask_grad)
+
+
+@merged_attention_backward.register_fake
+def _merged_attention_backward_fake(grad_out, q, k, v, attn_mask, is_causal, scale, ratio, r, mode, protect, mask_grad):
+    dm = torch.empty_like(attn_mask) if (mask_grad and attn_mask is not None) else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dm
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, is_causal, scale, ratio, r, mode, protect, _impl = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.args = (is_causal, scale, ratio, r, mode, protect)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, attn_mask = ctx.saved_tensors
+    mask_grad = bool(attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3])
+    dq, dk, dv, dm = merged_attention_backward(grad_out, q, k, v, attn_mask, *ctx.args, mask_grad)
+    return dq, dk, dv, (dm if mask_grad else None), None, None, None, None, None, None, None
+
+
+merged_attention.register_autograd(_backward, setup_context=_setup_context)
