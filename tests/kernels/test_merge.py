@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -25,8 +21,8 @@ import attnrw
 from attnrw.errors import ImplementationUnavailableError
 from attnrw.kernels.merge import MergePlan, attention_with_plan, merge_plan, merged_attention_torch
 from attnrw.kernels.merge import reference as merge_reference
+from tests.kernels.test_sparse import _run_script  # one subprocess helper for the kernel tests
 
-ROOT = Path(__file__).resolve().parents[2]
 op = torch.ops.attnrw.merged_attention
 
 BATCH, HEADS, KV_HEADS, DIM = 2, 4, 2, 16
@@ -159,13 +155,17 @@ def oracle_attention(
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Plain SDPA with GQA heads repeated."""
     rep = q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(
         q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask, scale=scale
     )
 
 
-def make_inputs(q_len: int, kv_len: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0, dim: int = DIM):
+def make_inputs(
+    q_len: int, kv_len: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0, dim: int = DIM
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (BATCH, HEADS, q_len, dim), k and v (BATCH, KV_HEADS, kv_len, dim): GQA with 2 query heads per kv head."""
     kv_len = q_len if kv_len is None else kv_len
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(BATCH, HEADS, q_len, dim, generator=g).to(dtype)
@@ -175,6 +175,7 @@ def make_inputs(q_len: int, kv_len: int | None = None, dtype: torch.dtype = torc
 
 
 def make_mask(kind: str, q_len: int, kv_len: int | None = None, seed: int = 1) -> torch.Tensor | None:
+    """A mask of one of the shapes and kinds models pass (see each branch)."""
     kv_len = q_len if kv_len is None else kv_len
     g = torch.Generator().manual_seed(seed)
     if kind == "none":
@@ -513,19 +514,6 @@ def test_merge_step_is_exported_as_one_op():
 
 
 # ----------------------------------------------------------------------------- Triton (interpreter)
-
-
-def _run_script(code: str, env: dict[str, str] | None = None, timeout: int = 240) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
 
 
 # Per-dtype bounds of |triton - torch| on the same merged inputs. fp32: the interpreter's
