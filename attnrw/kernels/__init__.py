@@ -7,4 +7,5 @@ when used). Kernels know nothing of graphs.
 
 from attnrw.kernels import attention  # noqa: F401
 from attnrw.kernels import sparse  # noqa: F401
+from attnrw.kernels import condense  # noqa: F401
 from attnrw.kernels import merge  # noqa: F401

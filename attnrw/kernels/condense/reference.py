@@ -189,15 +189,15 @@ def _condensed_bias(lay: _Layout, device: torch.device, dtype: torch.dtype) -> t
 
 @functools.lru_cache(maxsize=16)
 def _condensed_reach(lay: _Layout) -> tuple[int, ...]:
-    """Per query block, how many slots of the condensed part any of its queries sees (a prefix)."""
+    """Per query block, the length of the prefix of condensed slots its queries see (sinks, then groups)."""
     geo = lay.geo
-    if not geo.is_causal:
-        return (lay.num_slots,) * lay.num_blocks
-    _, _, glo, _ = query_bounds(geo, torch.device("cpu"))
-    last = torch.arange(lay.num_blocks) * lay.block_size + lay.block_size - 1
-    # Causal glo grows with i: the block's last query sees the most groups (and sinks).
-    seen = glo[last.clamp(max=geo.seq_len - 1)] + geo.num_sinks
-    return tuple(int(x) for x in seen)
+    _, _, glo, ghi = query_bounds(geo, torch.device("cpu"))
+    pad = lay.num_blocks * lay.block_size - geo.seq_len
+    glo = F.pad(glo, (0, pad), value=0).view(lay.num_blocks, -1).amax(1)
+    ghi = F.pad(ghi, (0, pad), value=geo.num_groups - 1).view(lay.num_blocks, -1).amin(1)
+    # Visible groups are g < glo or g > ghi: the last one is ng - 1 if some query has ghi < ng - 1.
+    groups = torch.where(ghi < geo.num_groups - 1, geo.num_groups, glo)
+    return tuple(int(x) + geo.num_sinks for x in groups)
 
 
 def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -255,6 +255,12 @@ def mask_values(m3: torch.Tensor, block_size: int, seq_len: int) -> torch.Tensor
     return m3.float()
 
 
+def _member_values(m3: torch.Tensor, block_size: int, seq_len: int) -> torch.Tensor:
+    """:func:`mask_values` with the key axis broadcast to ``seq_len``: (hm, nq, S)."""
+    values = mask_values(m3, block_size, seq_len)
+    return values.expand(-1, -1, seq_len) if values.shape[-1] == 1 else values
+
+
 def _mask_values_backward(da: torch.Tensor, m3: torch.Tensor, a: torch.Tensor, block_size: int) -> torch.Tensor:
     """Gradient of :func:`mask_values` (float masks): da (hm, nq, Mk) -> (hm, Mq, Mk).
 
@@ -301,7 +307,7 @@ def _pool(
     z = a_g
     if probe is not None:
         scores = (probe @ kg.view(hk, n, dim).to(probe.dtype).transpose(-1, -2)) * scale
-        z = z + scores.view(hk, -1, ng, size)
+        z = z + scores.view(hk, probe.shape[1], ng, size)
     top = z.amax(-1, keepdim=True)
     e = torch.exp(z - top.masked_fill(top == float("-inf"), 0.0))
     den = e.sum(-1, keepdim=True)
@@ -402,8 +408,7 @@ def _chunks(
                 where = (slice(b, b + 1) if m4.shape[0] > 1 else slice(None), hs if m4.shape[1] > 1 else slice(None))
                 mask = m4[where]
                 if m4.shape[1] > 1 or shared is None:
-                    values = mask_values(mask[0], lay.block_size, seq)
-                    values = values.expand(-1, -1, seq) if values.shape[-1] == 1 else values
+                    values = _member_values(mask[0], lay.block_size, seq)
                     if m4.shape[1] == 1:
                         shared = values
                 else:
@@ -503,18 +508,36 @@ class _Tables:
     pooled: _Pooled
 
 
+def _summaries(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    values: torch.Tensor | None,
+    geo: Geometry,
+    scale: float,
+    pooling: str,
+    size_bias: bool,
+    block_size: int,
+) -> tuple[_Pooled, torch.Tensor, torch.Tensor]:
+    """Pool the groups of one batch element: q (h, S, D), k (kv_h, S, D), v (kv_h, S, Dv).
+
+    Pools per query head only when something depends on it (query pooling,
+    or mask values with a head axis), else per kv head. Returns the pooled
+    summaries and the keys and values (acc dtype, per pooled head) they came from.
+    """
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    kx, vx = k.to(acc), v.to(acc)
+    if pooling == "query" or (values is not None and values.shape[0] > 1):
+        kx, vx = _per_head(kx, q.shape[0]), _per_head(vx, q.shape[0])
+    probe = block_means(q[None], block_size)[0] if pooling == "query" else None
+    return _pool(kx, vx, values, probe, geo, scale, size_bias), kx, vx
+
+
 def _tables(c: _Chunk, lay: _Layout, scale: float, pooling: str, size_bias: bool) -> _Tables:
     heads, dtype = c.q.shape[0], c.q.dtype
-    geo = lay.geo
-    acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    per_query_head = pooling == "query" or (c.values is not None and c.values.shape[0] > 1)
-    kx, vx = c.k.to(acc), c.v.to(acc)
-    if per_query_head:
-        kx, vx = _per_head(kx, heads), _per_head(vx, heads)
-    probe = block_means(c.q[None], lay.block_size)[0] if pooling == "query" else None
-    pooled = _pool(kx, vx, c.values, probe, geo, scale, size_bias)
+    pooled, kx, vx = _summaries(c.q, c.k, c.v, c.values, lay.geo, scale, pooling, size_bias, lay.block_size)
     nq = pooled.k.shape[1]
-    ns = geo.num_sinks
+    ns = lay.geo.num_sinks
     sink_k = kx[:, None, :ns].expand(-1, nq, -1, -1)
     sink_v = vx[:, None, :ns].expand(-1, nq, -1, -1)
     k_t = _per_head(torch.cat([sink_k, pooled.k], dim=2).to(dtype), heads)
@@ -543,12 +566,14 @@ def _condensed_ranges(c: _Chunk, lay: _Layout, t: _Tables, budget: int) -> Itera
         n = r.stop - r.start
         if per_block:
             q, query_pos, tb = qb[:, r], qpos[r], r
-            mask = geo_bias[None, r, :, :slots] + t.bias[:, r, :, :slots]
+            mask = geo_bias[None, r, :, :slots] + (t.bias[:, r] if t.bias.shape[1] > 1 else t.bias)[..., :slots]
         else:
             q, query_pos, tb = qb[:, r].reshape(heads, 1, n * bs, -1), qpos[r].reshape(1, n * bs), slice(0, 1)
             mask = geo_bias[r, :, :slots].reshape(1, 1, n * bs, slots) + t.bias[:, :, :, :slots]
         # Slot positions: the sinks' keys, then the summaries (no position: seq_len).
-        key_pos = torch.arange(slots, device=c.q.device).masked_fill_(torch.arange(slots, device=c.q.device) >= ns, lay.seq_len)[None, None]
+        key_pos = torch.arange(slots, device=c.q.device)
+        key_pos[ns:] = lay.seq_len
+        key_pos = key_pos[None, None]
         if c.mask is not None and ns:
             sink = _add_user_mask(mask[..., :ns], c, heads, query_pos, key_pos[..., :ns])
             if sink.shape[0] != mask.shape[0]:
@@ -556,3 +581,268 @@ def _condensed_ranges(c: _Chunk, lay: _Layout, t: _Tables, budget: int) -> Itera
             mask[..., :ns] = sink
         part = _Part(t.k[:, tb, :slots], t.v[:, tb, :slots], mask, key_pos)
         yield _Range(slice(r.start * bs, r.stop * bs), tb, q, query_pos, part, slots)
+
+
+# ----------------------------------------------------------------------------- forward and backward
+
+
+def _layout(q: torch.Tensor, recent: int, group: int, sinks: int, is_causal: bool, block_size: int) -> _Layout:
+    geo = Geometry(q.shape[-2], recent, group, sinks, bool(is_causal))
+    return _Layout(geo, block_size, WINDOW_FOLD)
+
+
+def _per_query_tables(pooling: str, attn_mask: torch.Tensor | None) -> bool:
+    """Summaries depend on the query block: query pooling, or a mask that varies along the queries."""
+    return pooling == "query" or (attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1)
+
+
+def _chunk_parts(
+    c: _Chunk, lay: _Layout, scale: float, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Window part of one chunk: (out (h, nw·fold, Dv), logsumexp (h, nw·fold) fp32 or None)."""
+    heads = c.q.shape[0]
+    rows = lay.num_windows * lay.fold
+    out = c.q.new_empty(heads, rows, c.v.shape[-1])
+    lse = torch.empty(heads, rows, dtype=torch.float32, device=c.q.device) if need_lse else None
+    for rg in _window_ranges(c, lay, _RANGE_ELEMS):
+        o, m = _attend(rg.q, rg.part, scale, need_lse=need_lse, may_be_empty=True)
+        out[:, rg.rows] = o.flatten(1, 2)
+        if lse is not None:
+            lse[:, rg.rows] = m.flatten(1, 2)
+    return out, lse
+
+
+def _condensed_part(
+    c: _Chunk, lay: _Layout, t: _Tables, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Condensed part of one chunk: (out (h, nb·bs, Dv), logsumexp (h, nb·bs) fp32; -inf where nothing is seen)."""
+    heads = c.q.shape[0]
+    rows = lay.num_blocks * lay.block_size
+    out = c.q.new_zeros(heads, rows, c.v.shape[-1])
+    lse = torch.full((heads, rows), float("-inf"), dtype=torch.float32, device=c.q.device)
+    for rg in _condensed_ranges(c, lay, t, _RANGE_ELEMS):
+        o, m = _attend(rg.q, rg.part, scale, need_lse=True, may_be_empty=True)
+        out[:, rg.rows] = o.flatten(1, 2)
+        lse[:, rg.rows] = m.flatten(1, 2)
+    return out, lse
+
+
+def condensed_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    recent: int,
+    group: int,
+    sinks: int,
+    pooling: str,
+    size_bias: bool,
+    block_size: int,
+) -> torch.Tensor:
+    """Condensed attention; see the module docstring for the rule.
+
+    q (batch, heads, S, D), k (batch, kv_heads, S, D), v (batch, kv_heads, S, Dv),
+    attn_mask None or broadcastable to (batch, heads, S, S) -> (batch, heads, S, Dv)
+    in q's dtype, laid out in memory as (batch, S, heads, Dv) like SDPA's output.
+    Raises ``ValueError`` when q_len != kv_len.
+    """
+    check_inputs(q, k, v, attn_mask, recent, group, sinks, pooling, block_size)
+    batch, heads, seq, _ = q.shape
+    out = q.new_empty(batch, seq, heads, v.shape[-1]).transpose(1, 2)
+    if seq == 0 or batch * heads == 0:
+        return out
+    lay = _layout(q, recent, group, sinks, is_causal, block_size)
+    two = has_condensed_part(lay)
+    for c in _chunks(q, k, v, attn_mask, lay, _per_query_tables(pooling, attn_mask)):
+        ow, lw = _chunk_parts(c, lay, scale, need_lse=two)
+        if not two:
+            out[c.batch, c.heads] = ow[:, :seq]
+            continue
+        oc, lc = _condensed_part(c, lay, _tables(c, lay, scale, pooling, size_bias), scale)
+        out[c.batch, c.heads] = _merge([ow[:, :seq], oc[:, :seq]], [lw[:, :seq], lc[:, :seq]]).to(q.dtype)
+    return out
+
+
+def _slot_grads(
+    rg: _Range, g: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, scale: float, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recompute one range's probabilities; return (ds, dq, dk_slots, dv_slots).
+
+    g (h, n, rows, Dv), lse and delta (h, n, rows): the blocked gradient of
+    the output, the row's log-sum-exp over all its parts, and rowsum(g·o).
+    """
+    q, kk, vv = rg.q.to(acc), rg.part.k.to(acc), rg.part.v.to(acc)
+    s = (q @ kk.transpose(-1, -2)) * scale + rg.part.mask.to(acc)
+    p = torch.exp(s - lse[..., None])
+    ds = p * (g @ vv.transpose(-1, -2) - delta[..., None])
+    return ds, (ds @ kk) * scale, (ds.transpose(-1, -2) @ q) * scale, p.transpose(-1, -2) @ g
+
+
+def condensed_attention_grads(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    recent: int,
+    group: int,
+    sinks: int,
+    pooling: str,
+    size_bias: bool,
+    block_size: int,
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`condensed_attention_torch` (also used after the Triton forward).
+
+    Recomputes each part's probabilities over the same slots as the forward
+    (fp32 for half inputs), normalised over both parts; scatters the slots'
+    key and value gradients to their positions (exact keys, sinks) or into
+    the summary tables, then back through the pooling (to keys, values, the
+    probe's queries and the mask). Returns (dq, dk, dv, dmask); dmask has
+    ``attn_mask``'s shape when ``mask_grad``, else it is empty.
+    """
+    check_inputs(q, k, v, attn_mask, recent, group, sinks, pooling, block_size)
+    batch, heads, seq, dim = q.shape
+    kv_heads = k.shape[1]
+    group_q = heads // kv_heads
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    # One extra key row catches slots without a key (position seq), whose gradients are 0.
+    dk_h = torch.zeros(batch, heads, seq + 1, dim, dtype=acc, device=q.device)
+    dv_h = torch.zeros(batch, heads, seq + 1, v.shape[-1], dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    dm4 = None
+    if mask_grad and attn_mask is not None and attn_mask.is_floating_point():
+        dm4 = torch.zeros((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape), dtype=acc, device=q.device)
+    if seq == 0 or batch * heads == 0:
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _mask_out(dm4, attn_mask, q)
+    lay = _layout(q, recent, group, sinks, is_causal, block_size)
+    two = has_condensed_part(lay)
+    ns = lay.geo.num_sinks
+    for c in _chunks(q, k, v, attn_mask, lay, _per_query_tables(pooling, attn_mask)):
+        h = c.q.shape[0]
+        ow, lw = _chunk_parts(c, lay, scale, need_lse=True)
+        ow, lw = ow[:, :seq].to(acc), lw[:, :seq]
+        t = None
+        if two:
+            t = _tables(c, lay, scale, pooling, size_bias)
+            oc, lc = _condensed_part(c, lay, t, scale)
+            o = _merge([ow, oc[:, :seq]], [lw, lc[:, :seq]]).to(acc)
+            lse = torch.logaddexp(lw, lc[:, :seq])
+        else:
+            o, lse = ow, lw
+        g = grad_out[c.batch, c.heads].to(acc)
+        delta = (g * o).sum(-1)
+        lse = lse.masked_fill(lse == float("-inf"), 0.0)  # rows seeing nothing: p = 0
+
+        def rows_of(x: torch.Tensor, size: int) -> torch.Tensor:
+            return _blocked(x[..., None] if x.dim() == 2 else x, size)
+
+        heads_idx = torch.arange(h, device=q.device)[:, None, None]
+        dk_c, dv_c, dq_c = dk_h[c.batch, c.heads], dv_h[c.batch, c.heads], dq[c.batch, c.heads]
+        g_w, l_w, d_w = rows_of(g, lay.fold), rows_of(lse, lay.fold)[..., 0], rows_of(delta, lay.fold)[..., 0]
+        for rg in _window_ranges(c, lay, _BACKWARD_RANGE_ELEMS):
+            wr = slice(rg.rows.start // lay.fold, rg.rows.stop // lay.fold)
+            ds, dq_r, dk_r, dv_r = _slot_grads(rg, g_w[:, wr], l_w[:, wr], d_w[:, wr], scale, acc)
+            lo, hi = rg.rows.start, min(rg.rows.stop, seq)
+            dq_c[:, lo:hi] += dq_r.flatten(1, 2)[:, : hi - lo]
+            kpos = rg.part.key_pos.expand(h, -1, -1)
+            dk_c.index_put_((heads_idx, kpos), dk_r, accumulate=True)
+            dv_c.index_put_((heads_idx, kpos), dv_r, accumulate=True)
+            if dm4 is not None and c.mask is not None:
+                _scatter_mask_grad(dm4, c, h, rg.query_pos, rg.part.key_pos, ds)
+        if t is None:
+            continue
+        bs = lay.block_size
+        g_b, l_b, d_b = rows_of(g, bs), rows_of(lse, bs)[..., 0], rows_of(delta, bs)[..., 0]
+        dkt, dvt = torch.zeros_like(t.k, dtype=acc), torch.zeros_like(t.v, dtype=acc)
+        dbt = torch.zeros(h, t.k.shape[1], t.k.shape[2], dtype=acc, device=q.device)
+        for rg in _condensed_ranges(c, lay, t, _BACKWARD_RANGE_ELEMS):
+            r = slice(rg.rows.start // bs, rg.rows.stop // bs)
+            shape = (h, *rg.q.shape[1:3])
+            ds, dq_r, dk_r, dv_r = _slot_grads(
+                rg, g_b[:, r].reshape(*shape, -1), l_b[:, r].reshape(shape), d_b[:, r].reshape(shape), scale, acc
+            )
+            lo, hi = rg.rows.start, min(rg.rows.stop, seq)
+            dq_c[:, lo:hi] += dq_r.flatten(1, 2)[:, : hi - lo]
+            dkt[:, rg.blocks, : rg.slots] += dk_r
+            dvt[:, rg.blocks, : rg.slots] += dv_r
+            dbt[:, rg.blocks, : rg.slots] += ds.sum(-2)
+            if dm4 is not None and c.mask is not None and ns:
+                _scatter_mask_grad(dm4, c, h, rg.query_pos, rg.part.key_pos[..., :ns], ds[..., :ns])
+        # Sinks: the tables hold copies of the sink keys (one per table block).
+        dk_c[:, :ns] += dkt[:, :, :ns].sum(1)
+        dv_c[:, :ns] += dvt[:, :, :ns].sum(1)
+        p = t.pooled
+        hk = p.kg.shape[0]
+        dks, dvs = dkt[:, :, ns:], dvt[:, :, ns:]
+        if hk != h:  # summaries pooled per kv head and repeated for its query heads
+            dks, dvs = dks.unflatten(0, (hk, -1)).sum(1), dvs.unflatten(0, (hk, -1)).sum(1)
+        dbias = None
+        if dm4 is not None and c.values is not None:
+            dbias = _reduce_to_shape(dbt[:, :, ns:], p.bias.shape)
+        dkx, dvx, dprobe, da = _pool_backward(p, dks, dvs, dbias, scale, size_bias, seq - ns)
+        if hk == h:
+            dk_c[:, ns:seq] += dkx
+            dv_c[:, ns:seq] += dvx
+        else:
+            dk[c.batch, c.kv_heads, ns:] += dkx
+            dv[c.batch, c.kv_heads, ns:] += dvx
+        if dprobe is not None:
+            # probe = mean of the block's real queries
+            counts = (seq - torch.arange(lay.num_blocks, device=q.device) * bs).clamp(max=bs).to(acc)
+            per_row = (dprobe / counts[:, None]).repeat_interleave(bs, dim=1)[:, :seq]
+            dq_c += per_row.to(acc)
+        if da is not None:
+            da = F.pad(da, (ns, 0))
+            m3 = c.mask[0]
+            raw = mask_values(m3, bs, seq) if m3.shape[-2] > 1 else m3.float()
+            if m3.shape[-1] == 1:
+                da = da.sum(-1, keepdim=True)
+            dm3 = _mask_values_backward(da, m3, raw, bs)
+            dm4[c.mask_index][0] += _reduce_to_shape(dm3, m3.shape).to(dm4.dtype)
+
+    dk += dk_h[:, :, :seq].unflatten(1, (kv_heads, group_q)).sum(2)
+    dv += dv_h[:, :, :seq].unflatten(1, (kv_heads, group_q)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _mask_out(dm4, attn_mask, q)
+
+
+def _mask_out(dm4: torch.Tensor | None, attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if dm4 is None or attn_mask is None:
+        return q.new_empty(0)
+    return dm4.reshape(attn_mask.shape).to(attn_mask.dtype)
+
+
+def summary_tables(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    geo: Geometry,
+    scale: float,
+    pooling: str,
+    size_bias: bool,
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All summaries of a call at once, for kernels that read them from memory (the Triton path).
+
+    Returns keys (batch, hk, nq, ng, D) and values (batch, hk, nq, ng, Dv)
+    in q's dtype and the bias (batch, 1 or hk, 1 or nq, ng) fp32 (-inf = not
+    seen). ``hk`` is ``heads`` when the pooling depends on the query head
+    (query pooling, or a mask with a head axis), else ``kv_heads``; ``nq``
+    is the number of query blocks when it depends on the query block, else 1.
+    """
+    m4 = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    ks, vs, biases = [], [], []
+    for b in range(q.shape[0]):
+        values = None if m4 is None else _member_values(m4[b if m4.shape[0] > 1 else 0], block_size, geo.seq_len)
+        p, _, _ = _summaries(q[b], k[b], v[b], values, geo, scale, pooling, size_bias, block_size)
+        ks.append(p.k.to(q.dtype))
+        vs.append(p.v.to(q.dtype))
+        biases.append(p.bias.float())
+    return torch.stack(ks), torch.stack(vs), torch.stack(biases)
