@@ -203,7 +203,7 @@ class Calibrator:
                 with torch.no_grad():
                     dense = torch.ops.attnrw.attention(q, k, v, mask, m.is_causal, m.scale)
                     for c in self.candidates:
-                        lo = lower(m, c)
+                        lo = lower(m, c, i)
                         out = dense if lo.op is torch.ops.attnrw.attention.default else lo.op(
                             q, k, v, mask, lo.is_causal, m.scale, *lo.extra
                         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,11 @@ def _dense(m: Match, note: str = "", policy: str = "dense") -> Lowering:
     return Lowering(torch.ops.attnrw.attention.default, (), m.is_causal, policy, note)
 
 
-def lower(m: Match, policy: Policy) -> Lowering:
-    """The lowering of one site under one policy; lossy policies fall back to dense where they do not apply."""
+def lower(m: Match, policy: Policy, index: int = 0) -> Lowering:
+    """The lowering of one site (number ``index`` in graph order) under one policy.
+
+    Lossy policies keep a site dense where they do not apply, and say why in the note.
+    """
     if isinstance(policy, Dense):
         return _dense(m)
     site = m.site
@@ -54,5 +58,45 @@ def lower(m: Match, policy: Policy) -> Lowering:
         extra = (policy.recent, policy.group, policy.sinks, policy.pooling, policy.size_bias, policy.block_size, policy.impl)
         return Lowering(op.default, extra, site.causal, policy.name)
     if isinstance(policy, Merge):
-        raise ConfigError("the merge policy is not implemented in this version of attnrw")
+        return _lower_merge(m, policy, index)
     raise TypeError(f"no lowering for policy {policy!r}")
+
+
+def _schedule_value(value: Any, name: str, site_path: str, index: int) -> Any:
+    """One site's value of a Merge schedule (a number, a per-site list, or a dict of globs)."""
+    if isinstance(value, tuple):
+        if index >= len(value):
+            raise ConfigError(
+                f"Merge.{name} lists {len(value)} values but the graph has a site number {index + 1}; "
+                "give one value per site in graph order"
+            )
+        return value[index]
+    if isinstance(value, dict):
+        for pattern, v in value.items():
+            if fnmatch.fnmatchcase(site_path, pattern):
+                return v
+        return 0
+    return value
+
+
+def _lower_merge(m: Match, policy: Merge, index: int) -> Lowering:
+    site = m.site
+    if site.causal:
+        return _dense(m, "merge not applicable (causal: merging keys would mix past and future); kept dense",
+                      policy.name)
+    op = getattr(torch.ops.attnrw, "merged_attention", None)
+    if op is None:
+        raise ConfigError("the merge policy is not implemented in this version of attnrw")
+    mode, note = policy.mode, ""
+    if mode == "tokens":
+        # Carrying the reduced tokens through the layers that follow needs the
+        # token-wise region proven; until then the site merges and restores.
+        mode, note = "qkv", "tokens mode: merged and restored at the site (region not carried); as qkv"
+    if mode == "qkv" and not site.self_attention:
+        mode, note = "kv", "qkv needs one aligned sequence; merged keys/values only (kv)"
+    if policy.ratio is not None:
+        ratio, r = float(_schedule_value(policy.ratio, "ratio", site.module_path, index)), -1
+    else:
+        ratio, r = 0.0, int(_schedule_value(policy.r, "r", site.module_path, index))
+    extra = (ratio, r, mode, list(policy.protect), policy.impl)
+    return Lowering(op.default, extra, False, policy.name, note)

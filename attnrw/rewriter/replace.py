@@ -34,12 +34,12 @@ def replace(gm: GraphModule, matches: list[Match], policies: list[Policy | None]
     """Replace each planned site by one attnrw op; returns what was done per site."""
     emitter = Emitter(gm)
     decisions: list[Decision] = []
-    for m, policy in zip(matches, policies):
+    for index, (m, policy) in enumerate(zip(matches, policies)):
         site = m.site
         if policy is None:
             decisions.append(Decision(site.node, site.module_path, "-", None, "not selected by the policy"))
             continue
-        lo = lower(m, policy)
+        lo = lower(m, policy, index)
         with gm.graph.inserting_before(m.replace):
             q, k, v = emitter.emit(m.q), emitter.emit(m.k), emitter.emit(m.v)
             mask = emitter.emit(m.mask) if m.mask is not None else None
