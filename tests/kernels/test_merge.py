@@ -516,6 +516,26 @@ def test_merge_step_is_exported_as_one_op():
 # ----------------------------------------------------------------------------- Triton (interpreter)
 
 
+def test_torch_path_needs_no_triton():
+    """impl='torch'/'auto' run with triton blocked; an explicit 'triton' then says why it cannot run."""
+    out = _run_script(
+        """
+        import sys
+        sys.modules["triton"] = None  # any `import triton` now fails
+        import attnrw, torch
+        q = torch.randn(1, 2, 20, 16)
+        for impl in ("torch", "auto"):
+            torch.ops.attnrw.merged_attention(q, q, q, None, False, 0.25, 0.5, -1, "qkv", [0], impl)
+        try:
+            torch.ops.attnrw.merged_attention(q, q, q, None, False, 0.25, 0.5, -1, "kv", [0], "triton")
+        except attnrw.ImplementationUnavailableError as e:
+            print("unavailable:", e)
+        """,
+        env={"TRITON_INTERPRET": "1"},
+    )
+    assert "unavailable: triton could not be imported" in out
+
+
 # Per-dtype bounds of |triton - torch| on the same merged inputs. fp32: the interpreter's
 # dots are IEEE fp32; only the summation order differs (~1e-7 relative). fp16: the kernel
 # rounds probabilities to fp16 before the P·V dot (as flash attention does) and both round
