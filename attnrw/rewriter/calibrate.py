@@ -41,11 +41,17 @@ Progress = Callable[[str, int, int], None]
 
 def default_candidates() -> tuple[Policy, ...]:
     """The ladder tried when ``Auto.candidates`` is None: cheap windows, condensed, wider windows, dense."""
+    # Top-k variants catch the few far keys a window misses (BERT-style models
+    # attend heavily to the final [SEP]); wide windows give near-dense steps.
     ladder: list[Policy] = [
         Sparse(window=32, sinks=4),
         Sparse(window=64, sinks=4),
+        Sparse(window=64, sinks=4, topk=2, block_size=32),
         Sparse(window=128, sinks=4),
+        Sparse(window=128, sinks=4, topk=2, block_size=32),
         Sparse(window=256, sinks=4),
+        Sparse(window=256, sinks=4, topk=2, block_size=32),
+        Sparse(window=512, sinks=4),
     ]
     if hasattr(torch.ops.attnrw, "condensed_attention"):
         ladder += [Condense(recent=64, group=16, sinks=4), Condense(recent=128, group=8, sinks=4)]
