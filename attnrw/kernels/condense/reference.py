@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from attnrw.kernels.attention.reference import _reduce_to_shape
 from attnrw.kernels.condense.layout import Geometry, check_inputs, query_bounds
 from attnrw.kernels.sparse.layout import block_means, cdiv
-from attnrw.kernels.sparse.reference import _attend, _merge, _Part, _user_mask_index
+from attnrw.kernels.sparse.reference import _attend, _Part, _user_mask_index
 
 #: Query rows per block of the window part (independent of ``block_size``, which only
 #: decides the pooling blocks). Measured at S=8192, recent=512, group=16: 32 rows waste
@@ -170,8 +170,8 @@ def _window_bias(lay: _Layout, device: torch.device, dtype: torch.dtype) -> torc
 
 
 @functools.lru_cache(maxsize=16)
-def _condensed_bias(lay: _Layout, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Which sinks and summaries each query row sees, additive 0 / -inf (nb·bs, sinks + ng) in ``dtype``."""
+def _condensed_allowed(lay: _Layout, device: torch.device) -> torch.Tensor:
+    """Which sinks and summaries each query row sees (nb·bs, sinks + ng) bool. Cached."""
     geo = lay.geo
     rows = lay.num_blocks * lay.block_size
     _, _, glo, ghi = query_bounds(geo, device)
@@ -184,7 +184,28 @@ def _condensed_bias(lay: _Layout, device: torch.device, dtype: torch.dtype) -> t
     glo = F.pad(glo, (0, pad))[:, None]
     ghi = F.pad(ghi, (0, pad))[:, None]
     group_ok = real & ((g < glo) | (g > ghi))
-    return _bias(torch.cat([sink_ok, group_ok], dim=1), dtype)
+    return torch.cat([sink_ok, group_ok], dim=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _condensed_bias(lay: _Layout, device: torch.device, dtype: torch.dtype, size_bias: bool) -> torch.Tensor:
+    """:func:`_condensed_allowed` as an additive mask (nb·bs, sinks + ng) in ``dtype``.
+
+    With ``size_bias`` the summaries carry ``log(size)`` here already: without
+    a user mask the size depends only on the geometry (the last group may be short).
+    """
+    bias = _bias(_condensed_allowed(lay, device), dtype)
+    if size_bias and lay.geo.num_groups:
+        geo = lay.geo
+        sizes = (geo.seq_len - geo.sinks - torch.arange(geo.num_groups, device=device) * geo.group).clamp(max=geo.group)
+        bias[:, geo.num_sinks :] += sizes.to(dtype).log()
+    return bias
+
+
+@functools.lru_cache(maxsize=16)
+def _rows_seeing(lay: _Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which query rows see some key of the window part (nw·fold,) and of the condensed part (nb·bs,), no user mask."""
+    return _window_layout(lay, device)[1].any(-1).flatten(), _condensed_allowed(lay, device).any(-1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -219,16 +240,19 @@ class _Pooled:
 
     ``hk`` heads: the chunk's query heads, or its kv heads when nothing in
     the pooling depends on the query head. ``nq``: 1, or the query blocks.
+    The pooling runs group-major ((heads, ng, nq, G): the weighted sums are
+    then one batched matmul with contiguous batches); ``k``, ``v`` and
+    ``bias`` are transposed views in table order.
     """
 
     k: torch.Tensor  # (hk, nq, ng, D) acc dtype
     v: torch.Tensor  # (hk, nq, ng, Dv)
     bias: torch.Tensor  # (1 or ha, 1 or nq, ng) fp32 summary bias, -inf = not seen
-    w: torch.Tensor  # (1 or hk, nq, ng, G) pooling weights
-    a: torch.Tensor  # (1 or ha, 1 or nq, ng, G) member values (-inf = not a member)
+    w: torch.Tensor  # (1 or hk, ng, nq, G) pooling weights
+    a: torch.Tensor  # (1 or ha, ng, 1 or nq, G) member values (-inf = not a member)
     kg: torch.Tensor  # (hk, ng, G, D) the grouped keys (zero-padded)
     vg: torch.Tensor  # (hk, ng, G, Dv)
-    probe: torch.Tensor | None  # (hk, nb, D) fp32, query pooling only
+    probe: torch.Tensor | None  # (hk, nb, D), query pooling only
 
 
 def mask_values(m3: torch.Tensor, block_size: int, seq_len: int) -> torch.Tensor:
@@ -288,35 +312,39 @@ def _pool(
     geo: Geometry,
     scale: float,
     size_bias: bool,
+    groups: int,
 ) -> _Pooled:
-    """Summaries of the groups: kx (hk, S, D), vx (hk, S, Dv) in the accumulation dtype.
+    """Summaries of the first ``groups`` groups: kx (hk, S, D), vx (hk, S, Dv) in the accumulation dtype.
 
     ``a``: None, or member values (1 or ha, 1 or nq, S) fp32 from :func:`mask_values`.
-    ``probe``: None (mean pooling) or (hk, nb, D) fp32 block means of the queries.
+    ``probe``: None (mean pooling) or (hk, nq, D) block means of the queries.
     """
     hk, seq, dim = kx.shape
-    ns, ng, size = geo.num_sinks, geo.num_groups, geo.group
+    ns, ng, size = geo.num_sinks, groups, geo.group
     n = ng * size
-    tail = n - (seq - ns)
-    kg = F.pad(kx[:, ns:], (0, 0, 0, tail)).view(hk, ng, size, dim)
-    vg = F.pad(vx[:, ns:], (0, 0, 0, tail)).view(hk, ng, size, vx.shape[-1])
+    valid = min(n, seq - ns)
+    tail = n - valid
+    kg = F.pad(kx[:, ns : ns + valid], (0, 0, 0, tail)).view(hk, ng, size, dim)
+    vg = F.pad(vx[:, ns : ns + valid], (0, 0, 0, tail)).view(hk, ng, size, vx.shape[-1])
     if a is None:
-        a_g = _bias(torch.arange(n, device=kx.device) < seq - ns, torch.float32).view(1, 1, ng, size)
+        a_g = _bias(torch.arange(n, device=kx.device) < valid, torch.float32).view(1, ng, 1, size)
     else:
-        a_g = F.pad(a[..., ns:], (0, tail), value=float("-inf")).unflatten(-1, (ng, size))
+        a_g = F.pad(a[..., ns : ns + valid], (0, tail), value=float("-inf"))
+        a_g = a_g.view(a.shape[0], a.shape[1], ng, size).transpose(1, 2)
     z = a_g
     if probe is not None:
-        scores = (probe @ kg.view(hk, n, dim).to(probe.dtype).transpose(-1, -2)) * scale
-        z = z + scores.view(hk, probe.shape[1], ng, size)
+        scores = (probe.to(kg.dtype) @ kg.view(hk, n, dim).transpose(-1, -2)) * scale  # (hk, nq, n)
+        z = z + scores.view(hk, probe.shape[1], ng, size).transpose(1, 2)
+    z = z.contiguous()  # (·, ng, nq, G): the weighted sums below are one matmul with contiguous batches
     top = z.amax(-1, keepdim=True)
     e = torch.exp(z - top.masked_fill(top == float("-inf"), 0.0))
     den = e.sum(-1, keepdim=True)
     w = e / den.masked_fill(den == 0, 1.0)  # groups without members: all-zero weights
     wk = w.to(kg.dtype)
-    pooled_k = (wk.transpose(1, 2) @ kg).transpose(1, 2)  # (hk, nq, ng, D)
-    pooled_v = (wk.transpose(1, 2) @ vg).transpose(1, 2)
+    pooled_k = (wk @ kg).transpose(1, 2)  # (hk, ng, nq, D) -> (hk, nq, ng, D)
+    pooled_v = (wk @ vg).transpose(1, 2)
     bias = torch.logsumexp(a_g, -1) if size_bias else a_g.amax(-1)
-    return _Pooled(pooled_k, pooled_v, bias, w, a_g, kg, vg, probe)
+    return _Pooled(pooled_k, pooled_v, bias.transpose(1, 2), w, a_g, kg, vg, probe)
 
 
 def _pool_backward(
@@ -334,22 +362,22 @@ def _pool_backward(
     ``dbias`` like ``p.bias``, or None when the mask takes no gradient.
     ``valid``: keys after the sinks (the groups are zero-padded past them).
     Returns the gradients of those keys and values (hk, valid, ·), of the
-    probe (hk, nb, D) or None, and of the member values (``p.a``'s leading
-    shape, valid) or None.
+    probe (hk, nb, D) or None, and of the member values ((1 or ha, 1 or nq,
+    valid), like the ``a`` given to :func:`_pool`) or None.
     """
     hk, ng, size, dim = p.kg.shape
     n = ng * size
-    wt = p.w.permute(0, 2, 3, 1).to(dks.dtype)  # (hw, ng, G, nq)
-    dkg = wt @ dks.transpose(1, 2)  # (hk, ng, G, D)
-    dvg = wt @ dvs.transpose(1, 2)
-    dw = (dks.transpose(1, 2) @ p.kg.transpose(-1, -2) + dvs.transpose(1, 2) @ p.vg.transpose(-1, -2)).transpose(1, 2)
-    dw = dw.to(p.w.dtype)
-    dz = p.w * (dw - (p.w * dw).sum(-1, keepdim=True))  # softmax backward, (hk, nq, ng, G)
+    dks, dvs = dks.transpose(1, 2), dvs.transpose(1, 2)  # (hk, ng, nq, ·)
+    wt = p.w.to(dks.dtype).transpose(-1, -2)  # (·, ng, G, nq)
+    dkg = wt @ dks  # (hk, ng, G, D)
+    dvg = wt @ dvs
+    dw = (dks @ p.kg.transpose(-1, -2) + dvs @ p.vg.transpose(-1, -2)).to(p.w.dtype)  # (hk, ng, nq, G)
+    dz = p.w * (dw - (p.w * dw).sum(-1, keepdim=True))  # softmax backward
     dprobe = None
     if p.probe is not None:
-        flat = dz.reshape(hk, -1, n)
-        dprobe = (flat @ p.kg.reshape(hk, n, dim).to(flat.dtype)) * scale
-        dkg = dkg + ((flat.transpose(-1, -2) @ p.probe) * scale).view(hk, ng, size, dim).to(dkg.dtype)
+        flat = dz.transpose(1, 2).reshape(hk, -1, n).to(p.kg.dtype)  # (hk, nq, n)
+        dprobe = (flat @ p.kg.reshape(hk, n, dim)) * scale
+        dkg = dkg + ((flat.transpose(-1, -2) @ p.probe.to(flat.dtype)) * scale).view(hk, ng, size, dim).to(dkg.dtype)
     da = None
     if dbias is not None:
         if size_bias:  # d logsumexp = softmax
@@ -358,8 +386,10 @@ def _pool_backward(
         else:  # d max: split evenly among ties, as torch.amax does
             hit = (p.a == p.a.amax(-1, keepdim=True)).float()
             share = hit / hit.sum(-1, keepdim=True)
-        da_g = _reduce_to_shape(dz, p.a.shape) + share * _reduce_to_shape(dbias, p.a.shape[:-1])[..., None]
-        da = da_g.masked_fill(p.a == float("-inf"), 0.0).flatten(-2)[..., :valid]
+        db = _reduce_to_shape(dbias.transpose(1, 2), p.a.shape[:-1])
+        da_g = _reduce_to_shape(dz.float(), p.a.shape) + share * db[..., None]
+        da_g = da_g.masked_fill(p.a == float("-inf"), 0.0)  # (·, ng, nq, G)
+        da = da_g.transpose(1, 2).reshape(p.a.shape[0], p.a.shape[2], n)[..., :valid]
     return dkg.reshape(hk, n, dim)[:, :valid], dvg.reshape(hk, n, -1)[:, :valid], dprobe, da
 
 
@@ -397,6 +427,7 @@ def _chunks(
     copy = 0 if lay.full else (lay.num_windows * lay.fold + lay.window_len) * dims
     per_kv_head = group * (copy + nq * lay.num_slots * dims + nq * seq) * 4
     step = max(1, _CHUNK_BYTES // max(1, per_kv_head))
+    step = cdiv(kv_heads, cdiv(kv_heads, step))  # equal chunks: a last chunk of one head runs slowly
     m4 = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     for b in range(batch):
         shared = None  # mask values of a mask without a head axis: one per batch element
@@ -466,7 +497,7 @@ class _Range:
     """Query rows of one SDPA call and the slots they attend to."""
 
     rows: slice  # rows of the blocked queries (block-major)
-    blocks: slice  # which tables' blocks (condensed part with per-block tables), else slice(0, 1)
+    blocks: slice  # the range's query blocks of ``block_size`` (condensed part)
     q: torch.Tensor  # (h, n_blocks or 1, rows per block, D)
     query_pos: torch.Tensor  # (n_blocks or 1, rows per block)
     part: _Part
@@ -499,47 +530,58 @@ def _window_ranges(c: _Chunk, lay: _Layout, budget: int) -> Iterator[_Range]:
 
 
 @dataclass
-class _Tables:
-    """The condensed part's keys of a chunk: sinks then summaries, per query head."""
+class _Sources:
+    """What the summaries of one chunk are pooled from."""
 
-    k: torch.Tensor  # (h, nq, sinks + ng, D) in q's dtype
-    v: torch.Tensor  # (h, nq, sinks + ng, Dv)
-    bias: torch.Tensor  # (1 or h, 1 or nq, 1, sinks + ng) in q's dtype (0 on the sinks)
-    pooled: _Pooled
+    k: torch.Tensor  # (hk, S, D) acc dtype: query heads when the pooling depends on them, else kv heads
+    v: torch.Tensor  # (hk, S, Dv)
+    values: torch.Tensor | None  # member values (1 or hk, 1 or nb, S) fp32, None without a mask
+    probe: torch.Tensor | None  # (hk, nb, D), query pooling only
+
+    @property
+    def per_block(self) -> bool:
+        """Summaries differ between query blocks: pooled per range of blocks, as they are needed."""
+        return self.probe is not None or (self.values is not None and self.values.shape[1] > 1)
 
 
-def _summaries(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    values: torch.Tensor | None,
-    geo: Geometry,
-    scale: float,
-    pooling: str,
-    size_bias: bool,
-    block_size: int,
-) -> tuple[_Pooled, torch.Tensor, torch.Tensor]:
-    """Pool the groups of one batch element: q (h, S, D), k (kv_h, S, D), v (kv_h, S, Dv).
+def _sources(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, values: torch.Tensor | None, pooling: str, block_size: int) -> _Sources:
+    """q (h, S, D), k (kv_h, S, D), v (kv_h, S, Dv) of one batch element.
 
     Pools per query head only when something depends on it (query pooling,
-    or mask values with a head axis), else per kv head. Returns the pooled
-    summaries and the keys and values (acc dtype, per pooled head) they came from.
+    or mask values with a head axis), else per kv head.
     """
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     kx, vx = k.to(acc), v.to(acc)
     if pooling == "query" or (values is not None and values.shape[0] > 1):
         kx, vx = _per_head(kx, q.shape[0]), _per_head(vx, q.shape[0])
-    probe = block_means(q[None], block_size)[0] if pooling == "query" else None
-    return _pool(kx, vx, values, probe, geo, scale, size_bias), kx, vx
+    probe = block_means(q[None], block_size)[0].to(acc) if pooling == "query" else None
+    return _Sources(kx, vx, values, probe)
 
 
-def _tables(c: _Chunk, lay: _Layout, scale: float, pooling: str, size_bias: bool) -> _Tables:
-    heads, dtype = c.q.shape[0], c.q.dtype
-    pooled, kx, vx = _summaries(c.q, c.k, c.v, c.values, lay.geo, scale, pooling, size_bias, lay.block_size)
+def _pool_blocks(src: _Sources, blocks: slice | None, groups: int, geo: Geometry, scale: float, size_bias: bool) -> _Pooled:
+    """Summaries of the first ``groups`` groups for query blocks ``blocks`` (None: all; for per-block sources)."""
+    values, probe = src.values, src.probe
+    if blocks is not None:
+        values = values[:, blocks] if values is not None and values.shape[1] > 1 else values
+        probe = probe[:, blocks] if probe is not None else None
+    return _pool(src.k, src.v, values, probe, geo, scale, size_bias, groups)
+
+
+@dataclass
+class _Tables:
+    """The condensed part's keys: sinks then summaries, per query head."""
+
+    k: torch.Tensor  # (h, nq, sinks + groups, D) in q's dtype
+    v: torch.Tensor  # (h, nq, sinks + groups, Dv)
+    bias: torch.Tensor  # (1 or h, 1 or nq, 1, sinks + groups) in q's dtype (0 on the sinks)
+    pooled: _Pooled
+
+
+def _tables(src: _Sources, pooled: _Pooled, ns: int, heads: int, dtype: torch.dtype) -> _Tables:
+    """Put the sinks in front of the summaries, in q's dtype, one table per query head."""
     nq = pooled.k.shape[1]
-    ns = lay.geo.num_sinks
-    sink_k = kx[:, None, :ns].expand(-1, nq, -1, -1)
-    sink_v = vx[:, None, :ns].expand(-1, nq, -1, -1)
+    sink_k = src.k[:, None, :ns].expand(-1, nq, -1, -1)
+    sink_v = src.v[:, None, :ns].expand(-1, nq, -1, -1)
     k_t = _per_head(torch.cat([sink_k, pooled.k], dim=2).to(dtype), heads)
     v_t = _per_head(torch.cat([sink_v, pooled.v], dim=2).to(dtype), heads)
     b = pooled.bias
@@ -547,29 +589,43 @@ def _tables(c: _Chunk, lay: _Layout, scale: float, pooling: str, size_bias: bool
     return _Tables(k_t, v_t, bias, pooled)
 
 
-def _condensed_ranges(c: _Chunk, lay: _Layout, t: _Tables, budget: int) -> Iterator[_Range]:
-    """The condensed part of a chunk, by ranges of query blocks; causal ranges read only the slots they see."""
-    heads, bs, nb = c.q.shape[0], lay.block_size, lay.num_blocks
-    ns = lay.geo.num_sinks
+def _condensed_ranges(
+    c: _Chunk, lay: _Layout, src: _Sources, scale: float, size_bias: bool, budget: int
+) -> Iterator[tuple[_Range, _Tables]]:
+    """The condensed part of a chunk by ranges of query blocks, with the tables each range reads.
+
+    A range reads the slots its blocks see (causal: a prefix that grows
+    along the sequence). Per-block summaries are pooled range by range,
+    only for the groups the range sees; shared ones once for the chunk.
+    """
+    heads, bs, nb, dtype = c.q.shape[0], lay.block_size, lay.num_blocks, c.q.dtype
+    geo = lay.geo
+    ns = geo.num_sinks
     qb = _blocked(c.q, bs)
-    geo_bias = _condensed_bias(lay, c.q.device, c.q.dtype).view(nb, bs, -1)
+    # With a user mask the summaries' bias (size included) comes from the tables, per batch and head.
+    geo_bias = _condensed_bias(lay, c.q.device, dtype, size_bias and c.values is None).view(nb, bs, -1)
     reach = _condensed_reach(lay)
-    per_block = t.k.shape[1] > 1
     qpos = torch.arange(nb * bs, device=c.q.device).view(nb, bs)
-    per = bs * lay.num_slots * (heads if (c.mask is not None or t.bias.shape[0] > 1) else 1) + 2 * heads * bs * c.v.shape[-1]
+    shared = None if src.per_block else _tables(src, _pool_blocks(src, None, geo.num_groups, geo, scale, size_bias), ns, heads, dtype)
+    per = bs * lay.num_slots * (heads if (c.mask is not None or c.values is not None) else 1)
+    per += 2 * heads * bs * c.v.shape[-1] + (heads * lay.num_slots * (c.k.shape[-1] + c.v.shape[-1]) if src.per_block else 0)
     # Causal: a range reads the slots its last block sees; short ranges waste little.
-    cap = max(1, 512 // bs) if lay.geo.is_causal else None
+    cap = max(1, 512 // bs) if geo.is_causal else None
     for r in _ranges(nb, per, budget, cap):
         slots = max(reach[r])
         if slots == 0:
             continue
         n = r.stop - r.start
-        if per_block:
-            q, query_pos, tb = qb[:, r], qpos[r], r
-            mask = geo_bias[None, r, :, :slots] + (t.bias[:, r] if t.bias.shape[1] > 1 else t.bias)[..., :slots]
+        if src.per_block:
+            t = _tables(src, _pool_blocks(src, r, slots - ns, geo, scale, size_bias), ns, heads, dtype)
+            q, query_pos, tk, tb = qb[:, r], qpos[r], slice(None), slice(None)
+            mask = geo_bias[None, r, :, :slots]
         else:
-            q, query_pos, tb = qb[:, r].reshape(heads, 1, n * bs, -1), qpos[r].reshape(1, n * bs), slice(0, 1)
-            mask = geo_bias[r, :, :slots].reshape(1, 1, n * bs, slots) + t.bias[:, :, :, :slots]
+            t = shared
+            q, query_pos, tk, tb = qb[:, r].reshape(heads, 1, n * bs, -1), qpos[r].reshape(1, n * bs), slice(0, 1), slice(None)
+            mask = geo_bias[r, :, :slots].reshape(1, 1, n * bs, slots)
+        if c.values is not None:
+            mask = mask + t.bias[:, tb, :, :slots]
         # Slot positions: the sinks' keys, then the summaries (no position: seq_len).
         key_pos = torch.arange(slots, device=c.q.device)
         key_pos[ns:] = lay.seq_len
@@ -579,8 +635,8 @@ def _condensed_ranges(c: _Chunk, lay: _Layout, t: _Tables, budget: int) -> Itera
             if sink.shape[0] != mask.shape[0]:
                 mask = mask.expand(sink.shape[0], -1, -1, -1).clone()
             mask[..., :ns] = sink
-        part = _Part(t.k[:, tb, :slots], t.v[:, tb, :slots], mask, key_pos)
-        yield _Range(slice(r.start * bs, r.stop * bs), tb, q, query_pos, part, slots)
+        part = _Part(t.k[:, tk, :slots], t.v[:, tk, :slots], mask, key_pos)
+        yield _Range(slice(r.start * bs, r.stop * bs), r, q, query_pos, part, slots), t
 
 
 # ----------------------------------------------------------------------------- forward and backward
@@ -596,6 +652,24 @@ def _per_query_tables(pooling: str, attn_mask: torch.Tensor | None) -> bool:
     return pooling == "query" or (attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1)
 
 
+def _attend_range(
+    rg: _Range, c: _Chunk, scale: float, need_lse: bool, seeing: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SDPA over one range; rows that see nothing give 0 (logsumexp -inf).
+
+    Without a user mask those rows are known from the geometry (``seeing``,
+    per blocked row), which spares a pass over the mask to find them.
+    """
+    if c.mask is not None:
+        return _attend(rg.q, rg.part, scale, need_lse=need_lse, may_be_empty=True)
+    o, m = _attend(rg.q, rg.part, scale, need_lse=need_lse, may_be_empty=False)
+    vis = seeing[rg.rows].view(rg.q.shape[1:3])
+    if not bool(vis.all()):
+        o = o.masked_fill(~vis[..., None], 0.0)
+        m = None if m is None else m.masked_fill(~vis, float("-inf"))
+    return o, m
+
+
 def _chunk_parts(
     c: _Chunk, lay: _Layout, scale: float, need_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -604,8 +678,9 @@ def _chunk_parts(
     rows = lay.num_windows * lay.fold
     out = c.q.new_empty(heads, rows, c.v.shape[-1])
     lse = torch.empty(heads, rows, dtype=torch.float32, device=c.q.device) if need_lse else None
+    seeing = _rows_seeing(lay, c.q.device)[0]
     for rg in _window_ranges(c, lay, _RANGE_ELEMS):
-        o, m = _attend(rg.q, rg.part, scale, need_lse=need_lse, may_be_empty=True)
+        o, m = _attend_range(rg, c, scale, need_lse, seeing)
         out[:, rg.rows] = o.flatten(1, 2)
         if lse is not None:
             lse[:, rg.rows] = m.flatten(1, 2)
@@ -613,18 +688,36 @@ def _chunk_parts(
 
 
 def _condensed_part(
-    c: _Chunk, lay: _Layout, t: _Tables, scale: float
+    c: _Chunk, lay: _Layout, src: _Sources, scale: float, size_bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Condensed part of one chunk: (out (h, nb·bs, Dv), logsumexp (h, nb·bs) fp32; -inf where nothing is seen)."""
     heads = c.q.shape[0]
     rows = lay.num_blocks * lay.block_size
     out = c.q.new_zeros(heads, rows, c.v.shape[-1])
     lse = torch.full((heads, rows), float("-inf"), dtype=torch.float32, device=c.q.device)
-    for rg in _condensed_ranges(c, lay, t, _RANGE_ELEMS):
-        o, m = _attend(rg.q, rg.part, scale, need_lse=True, may_be_empty=True)
+    seeing = _rows_seeing(lay, c.q.device)[1]
+    for rg, _ in _condensed_ranges(c, lay, src, scale, size_bias, _RANGE_ELEMS):
+        o, m = _attend_range(rg, c, scale, True, seeing)
         out[:, rg.rows] = o.flatten(1, 2)
         lse[:, rg.rows] = m.flatten(1, 2)
     return out, lse
+
+
+def _merge_into(
+    ow: torch.Tensor, lw: torch.Tensor, oc: torch.Tensor, lc: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two parts' attention outputs by their log-sum-exps -> (out, logsumexp).
+
+    ow, oc (h, S, Dv); lw, lc (h, S) fp32. Rows that see nothing in either
+    part give 0. fp32/fp64 outputs are merged into ``ow`` in place (no
+    temporaries the size of the output); half ones in fp32.
+    """
+    lse = torch.logaddexp(lw, lc)
+    safe = lse.masked_fill(lse == float("-inf"), 0.0)
+    a, b = torch.exp(lw - safe)[..., None], torch.exp(lc - safe)[..., None]
+    if ow.dtype in (torch.float32, torch.float64):
+        return ow.mul_(a.to(ow.dtype)).addcmul_(oc, b.to(ow.dtype)), lse
+    return ow.float() * a + oc.float() * b, lse
 
 
 def condensed_attention_torch(
@@ -660,8 +753,9 @@ def condensed_attention_torch(
         if not two:
             out[c.batch, c.heads] = ow[:, :seq]
             continue
-        oc, lc = _condensed_part(c, lay, _tables(c, lay, scale, pooling, size_bias), scale)
-        out[c.batch, c.heads] = _merge([ow[:, :seq], oc[:, :seq]], [lw[:, :seq], lc[:, :seq]]).to(q.dtype)
+        src = _sources(c.q, c.k, c.v, c.values, pooling, block_size)
+        oc, lc = _condensed_part(c, lay, src, scale, size_bias)
+        out[c.batch, c.heads] = _merge_into(ow[:, :seq], lw[:, :seq], oc[:, :seq], lc[:, :seq])[0]
     return out
 
 
@@ -728,88 +822,161 @@ def condensed_attention_grads(
         h = c.q.shape[0]
         ow, lw = _chunk_parts(c, lay, scale, need_lse=True)
         ow, lw = ow[:, :seq].to(acc), lw[:, :seq]
-        t = None
+        src = None
         if two:
-            t = _tables(c, lay, scale, pooling, size_bias)
-            oc, lc = _condensed_part(c, lay, t, scale)
-            o = _merge([ow, oc[:, :seq]], [lw, lc[:, :seq]]).to(acc)
-            lse = torch.logaddexp(lw, lc[:, :seq])
+            src = _sources(c.q, c.k, c.v, c.values, pooling, block_size)
+            oc, lc = _condensed_part(c, lay, src, scale, size_bias)
+            o, lse = _merge_into(ow, lw, oc[:, :seq], lc[:, :seq])
         else:
             o, lse = ow, lw
         g = grad_out[c.batch, c.heads].to(acc)
         delta = (g * o).sum(-1)
         lse = lse.masked_fill(lse == float("-inf"), 0.0)  # rows seeing nothing: p = 0
-
-        def rows_of(x: torch.Tensor, size: int) -> torch.Tensor:
-            return _blocked(x[..., None] if x.dim() == 2 else x, size)
-
-        heads_idx = torch.arange(h, device=q.device)[:, None, None]
-        dk_c, dv_c, dq_c = dk_h[c.batch, c.heads], dv_h[c.batch, c.heads], dq[c.batch, c.heads]
-        g_w, l_w, d_w = rows_of(g, lay.fold), rows_of(lse, lay.fold)[..., 0], rows_of(delta, lay.fold)[..., 0]
-        for rg in _window_ranges(c, lay, _BACKWARD_RANGE_ELEMS):
-            wr = slice(rg.rows.start // lay.fold, rg.rows.stop // lay.fold)
-            ds, dq_r, dk_r, dv_r = _slot_grads(rg, g_w[:, wr], l_w[:, wr], d_w[:, wr], scale, acc)
-            lo, hi = rg.rows.start, min(rg.rows.stop, seq)
-            dq_c[:, lo:hi] += dq_r.flatten(1, 2)[:, : hi - lo]
-            kpos = rg.part.key_pos.expand(h, -1, -1)
-            dk_c.index_put_((heads_idx, kpos), dk_r, accumulate=True)
-            dv_c.index_put_((heads_idx, kpos), dv_r, accumulate=True)
-            if dm4 is not None and c.mask is not None:
-                _scatter_mask_grad(dm4, c, h, rg.query_pos, rg.part.key_pos, ds)
-        if t is None:
-            continue
-        bs = lay.block_size
-        g_b, l_b, d_b = rows_of(g, bs), rows_of(lse, bs)[..., 0], rows_of(delta, bs)[..., 0]
-        dkt, dvt = torch.zeros_like(t.k, dtype=acc), torch.zeros_like(t.v, dtype=acc)
-        dbt = torch.zeros(h, t.k.shape[1], t.k.shape[2], dtype=acc, device=q.device)
-        for rg in _condensed_ranges(c, lay, t, _BACKWARD_RANGE_ELEMS):
-            r = slice(rg.rows.start // bs, rg.rows.stop // bs)
-            shape = (h, *rg.q.shape[1:3])
-            ds, dq_r, dk_r, dv_r = _slot_grads(
-                rg, g_b[:, r].reshape(*shape, -1), l_b[:, r].reshape(shape), d_b[:, r].reshape(shape), scale, acc
-            )
-            lo, hi = rg.rows.start, min(rg.rows.stop, seq)
-            dq_c[:, lo:hi] += dq_r.flatten(1, 2)[:, : hi - lo]
-            dkt[:, rg.blocks, : rg.slots] += dk_r
-            dvt[:, rg.blocks, : rg.slots] += dv_r
-            dbt[:, rg.blocks, : rg.slots] += ds.sum(-2)
-            if dm4 is not None and c.mask is not None and ns:
-                _scatter_mask_grad(dm4, c, h, rg.query_pos, rg.part.key_pos[..., :ns], ds[..., :ns])
-        # Sinks: the tables hold copies of the sink keys (one per table block).
-        dk_c[:, :ns] += dkt[:, :, :ns].sum(1)
-        dv_c[:, :ns] += dvt[:, :, :ns].sum(1)
-        p = t.pooled
-        hk = p.kg.shape[0]
-        dks, dvs = dkt[:, :, ns:], dvt[:, :, ns:]
-        if hk != h:  # summaries pooled per kv head and repeated for its query heads
-            dks, dvs = dks.unflatten(0, (hk, -1)).sum(1), dvs.unflatten(0, (hk, -1)).sum(1)
-        dbias = None
-        if dm4 is not None and c.values is not None:
-            dbias = _reduce_to_shape(dbt[:, :, ns:], p.bias.shape)
-        dkx, dvx, dprobe, da = _pool_backward(p, dks, dvs, dbias, scale, size_bias, seq - ns)
-        if hk == h:
-            dk_c[:, ns:seq] += dkx
-            dv_c[:, ns:seq] += dvx
-        else:
-            dk[c.batch, c.kv_heads, ns:] += dkx
-            dv[c.batch, c.kv_heads, ns:] += dvx
-        if dprobe is not None:
-            # probe = mean of the block's real queries
-            counts = (seq - torch.arange(lay.num_blocks, device=q.device) * bs).clamp(max=bs).to(acc)
-            per_row = (dprobe / counts[:, None]).repeat_interleave(bs, dim=1)[:, :seq]
-            dq_c += per_row.to(acc)
-        if da is not None:
-            da = F.pad(da, (ns, 0))
-            m3 = c.mask[0]
-            raw = mask_values(m3, bs, seq) if m3.shape[-2] > 1 else m3.float()
-            if m3.shape[-1] == 1:
-                da = da.sum(-1, keepdim=True)
-            dm3 = _mask_values_backward(da, m3, raw, bs)
-            dm4[c.mask_index][0] += _reduce_to_shape(dm3, m3.shape).to(dm4.dtype)
+        grads = _ChunkGrads(c, dq[c.batch, c.heads], dk_h[c.batch, c.heads], dv_h[c.batch, c.heads], dk, dv, dm4)
+        _window_backward(c, lay, g, lse, delta, scale, acc, grads)
+        if src is not None:
+            _condensed_backward(c, lay, src, g, lse, delta, scale, size_bias, acc, grads)
 
     dk += dk_h[:, :, :seq].unflatten(1, (kv_heads, group_q)).sum(2)
     dv += dv_h[:, :, :seq].unflatten(1, (kv_heads, group_q)).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _mask_out(dm4, attn_mask, q)
+
+
+@dataclass
+class _ChunkGrads:
+    """Where one chunk's gradients go (views into the call's accumulators)."""
+
+    c: _Chunk
+    dq: torch.Tensor  # (h, S, D)
+    dk: torch.Tensor  # (h, S + 1, D) per query head; row S catches slots without a key
+    dv: torch.Tensor  # (h, S + 1, Dv)
+    dk_kv: torch.Tensor  # (batch, kv_heads, S, D): for summaries pooled per kv head
+    dv_kv: torch.Tensor
+    dm4: torch.Tensor | None  # the mask's gradient (4-D), when asked for
+
+
+def _blocked_rows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(h, S) or (h, S, d) -> (h, nb, size) or (h, nb, size, d), zero-padded."""
+    return _blocked(x[..., None], size)[..., 0] if x.dim() == 2 else _blocked(x, size)
+
+
+def _window_backward(
+    c: _Chunk, lay: _Layout, g: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, scale: float, acc: torch.dtype, out: _ChunkGrads
+) -> None:
+    h, seq, fold = c.q.shape[0], lay.seq_len, lay.fold
+    heads_idx = torch.arange(h, device=c.q.device)[:, None, None]
+    g_w, l_w, d_w = _blocked_rows(g, fold), _blocked_rows(lse, fold), _blocked_rows(delta, fold)
+    for rg in _window_ranges(c, lay, _BACKWARD_RANGE_ELEMS):
+        wr = slice(rg.rows.start // fold, rg.rows.stop // fold)
+        ds, dq_r, dk_r, dv_r = _slot_grads(rg, g_w[:, wr], l_w[:, wr], d_w[:, wr], scale, acc)
+        lo, hi = rg.rows.start, min(rg.rows.stop, seq)
+        out.dq[:, lo:hi] += dq_r.flatten(1, 2)[:, : hi - lo]
+        kpos = rg.part.key_pos.expand(h, -1, -1)
+        out.dk.index_put_((heads_idx, kpos), dk_r, accumulate=True)
+        out.dv.index_put_((heads_idx, kpos), dv_r, accumulate=True)
+        if out.dm4 is not None and c.mask is not None:
+            _scatter_mask_grad(out.dm4, c, h, rg.query_pos, rg.part.key_pos, ds)
+
+
+def _condensed_backward(
+    c: _Chunk,
+    lay: _Layout,
+    src: _Sources,
+    g: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    scale: float,
+    size_bias: bool,
+    acc: torch.dtype,
+    out: _ChunkGrads,
+) -> None:
+    """Gradients through the sinks and summaries of one chunk (then back through the pooling)."""
+    h, seq, bs = c.q.shape[0], lay.seq_len, lay.block_size
+    ns, ng = lay.geo.num_sinks, lay.geo.num_groups
+    mask_grad = out.dm4 is not None and c.values is not None
+    g_b, l_b, d_b = _blocked_rows(g, bs), _blocked_rows(lse, bs), _blocked_rows(delta, bs)
+    # Gradients of the member values (summed over ranges, then through the mask reduction).
+    da_all = torch.zeros(c.values.shape, dtype=torch.float32, device=c.q.device) if mask_grad else None
+    shared = None  # shared summaries: table gradients summed over ranges, pooled back once
+    if not src.per_block:
+        shared = [torch.zeros(h, 1, ng, c.k.shape[-1], dtype=acc, device=c.q.device),
+                  torch.zeros(h, 1, ng, c.v.shape[-1], dtype=acc, device=c.q.device),
+                  torch.zeros(h, 1, ng, dtype=torch.float32, device=c.q.device)]  # fmt: skip
+    pooled = None
+    for rg, t in _condensed_ranges(c, lay, src, scale, size_bias, _BACKWARD_RANGE_ELEMS):
+        shape = (h, *rg.q.shape[1:3])
+        r = rg.blocks
+        ds, dq_r, dk_r, dv_r = _slot_grads(
+            rg, g_b[:, r].reshape(*shape, -1), l_b[:, r].reshape(shape), d_b[:, r].reshape(shape), scale, acc
+        )
+        lo, hi = rg.rows.start, min(rg.rows.stop, seq)
+        out.dq[:, lo:hi] += dq_r.flatten(1, 2)[:, : hi - lo]
+        # Sinks: the tables hold copies of the sink keys (one per table block).
+        out.dk[:, :ns] += dk_r[:, :, :ns].sum(1)
+        out.dv[:, :ns] += dv_r[:, :, :ns].sum(1)
+        if out.dm4 is not None and c.mask is not None and ns:
+            _scatter_mask_grad(out.dm4, c, h, rg.query_pos, rg.part.key_pos[..., :ns], ds[..., :ns])
+        dks, dvs, dbs = dk_r[:, :, ns:], dv_r[:, :, ns:], ds[..., ns:].sum(-2).float()
+        if shared is None:
+            _summary_backward(c, t.pooled, dks, dvs, dbs, r, src, lay, scale, size_bias, out, da_all)
+        else:
+            groups = rg.slots - ns
+            shared[0][:, :, :groups] += dks
+            shared[1][:, :, :groups] += dvs
+            shared[2][:, :, :groups] += dbs
+            pooled = t.pooled
+    if shared is not None and pooled is not None:
+        _summary_backward(c, pooled, *shared, None, src, lay, scale, size_bias, out, da_all)
+    if da_all is not None:
+        m3 = c.mask[0]
+        da = da_all.sum(-1, keepdim=True) if m3.shape[-1] == 1 else da_all
+        raw = mask_values(m3, bs, seq) if m3.shape[-2] > 1 else m3.float()
+        out.dm4[c.mask_index][0] += _reduce_to_shape(_mask_values_backward(da, m3, raw, bs), m3.shape).to(out.dm4.dtype)
+
+
+def _summary_backward(
+    c: _Chunk,
+    p: _Pooled,
+    dks: torch.Tensor,
+    dvs: torch.Tensor,
+    dbs: torch.Tensor,
+    blocks: slice | None,
+    src: _Sources,
+    lay: _Layout,
+    scale: float,
+    size_bias: bool,
+    out: _ChunkGrads,
+    da_all: torch.Tensor | None,
+) -> None:
+    """Back through the pooling of summaries ``p`` (query blocks ``blocks``, None: shared by all).
+
+    dks (h, nq, groups, D), dvs, dbs (h, nq, groups): gradients of the table
+    entries of each query head.
+    """
+    h, seq, bs = c.q.shape[0], lay.seq_len, lay.block_size
+    ns = lay.geo.num_sinks
+    hk, groups = p.kg.shape[0], p.kg.shape[1]
+    if hk != h:  # pooled per kv head and repeated for its query heads
+        dks, dvs = dks.unflatten(0, (hk, -1)).sum(1), dvs.unflatten(0, (hk, -1)).sum(1)
+    dbias = None if da_all is None else _reduce_to_shape(dbs, p.bias.shape)
+    valid = min(groups * lay.geo.group, seq - ns)
+    dkx, dvx, dprobe, da = _pool_backward(p, dks, dvs, dbias, scale, size_bias, valid)
+    if hk == h:
+        out.dk[:, ns : ns + valid] += dkx
+        out.dv[:, ns : ns + valid] += dvx
+    else:
+        out.dk_kv[c.batch, c.kv_heads, ns : ns + valid] += dkx
+        out.dv_kv[c.batch, c.kv_heads, ns : ns + valid] += dvx
+    if dprobe is not None:  # probe = mean of the block's real queries
+        b = blocks if blocks is not None else slice(0, lay.num_blocks)
+        starts = torch.arange(b.start, b.stop, device=c.q.device) * bs
+        counts = (seq - starts).clamp(max=bs).to(dprobe.dtype)
+        per_row = (dprobe / counts[:, None]).repeat_interleave(bs, dim=1)
+        lo, hi = b.start * bs, min(b.stop * bs, seq)
+        out.dq[:, lo:hi] += per_row[:, : hi - lo].to(out.dq.dtype)
+    if da is not None and da_all is not None:
+        rows = blocks if (blocks is not None and da_all.shape[1] > 1) else slice(None)
+        da_all[:, rows, ns : ns + valid] += da
 
 
 def _mask_out(dm4: torch.Tensor | None, attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
@@ -841,7 +1008,7 @@ def summary_tables(
     ks, vs, biases = [], [], []
     for b in range(q.shape[0]):
         values = None if m4 is None else _member_values(m4[b if m4.shape[0] > 1 else 0], block_size, geo.seq_len)
-        p, _, _ = _summaries(q[b], k[b], v[b], values, geo, scale, pooling, size_bias, block_size)
+        p = _pool_blocks(_sources(q[b], k[b], v[b], values, pooling, block_size), None, geo.num_groups, geo, scale, size_bias)
         ks.append(p.k.to(q.dtype))
         vs.append(p.v.to(q.dtype))
         biases.append(p.bias.float())
