@@ -44,7 +44,10 @@ bool True = may attend, float added to the scores) applies:
   block keeps the cost per query block instead of per query; masks that do
   not vary along the queries (padding) are exact under it, and a causal
   padding mask is too, since causal summaries lie before all of the
-  block's queries. Without a mask ``a_j = 0``.
+  block's queries. Without a mask ``a_j = 0``;
+* and to whether a query sees a summary at all: only when its own mask row
+  allows some key of the group (so a query whose row allows nothing sees
+  nothing).
 
 A query that sees nothing (only possible through the mask, or a causal
 query among the sinks with ``sinks`` = 0 keys, which cannot happen) outputs 0.
@@ -285,6 +288,32 @@ def _member_values(m3: torch.Tensor, block_size: int, seq_len: int) -> torch.Ten
     return values.expand(-1, -1, seq_len) if values.shape[-1] == 1 else values
 
 
+#: Mask rows reduced to groups at a time by row_groups (bounds its temporaries).
+_ROW_GROUPS_ELEMS = 1 << 22
+
+
+def row_groups(m3: torch.Tensor, geo: Geometry) -> torch.Tensor | None:
+    """Which groups each query's own mask row allows some key of: (hm, S, 1 or ng) bool, or None.
+
+    None when the mask does not vary along the queries (then a group with
+    no allowed key has no members, which hides its summary already). Reads
+    the mask once, ``_ROW_GROUPS_ELEMS`` entries at a time.
+    """
+    hm, mq, mk = m3.shape
+    if mq == 1:
+        return None
+    allowed = m3 if m3.dtype == torch.bool else m3 > float("-inf")
+    if mk == 1:
+        return allowed
+    ns, ng, size = geo.num_sinks, geo.num_groups, geo.group
+    out = torch.empty(hm, mq, ng, dtype=torch.bool, device=m3.device)
+    step = max(1, _ROW_GROUPS_ELEMS // max(1, hm * mk))
+    for r0 in range(0, mq, step):
+        part = F.pad(allowed[:, r0 : r0 + step, ns:], (0, ng * size - (mk - ns)))
+        out[:, r0 : r0 + step] = part.unflatten(-1, (ng, size)).any(-1)
+    return out
+
+
 def _mask_values_backward(da: torch.Tensor, m3: torch.Tensor, a: torch.Tensor, block_size: int) -> torch.Tensor:
     """Gradient of :func:`mask_values` (float masks): da (hm, nq, Mk) -> (hm, Mq, Mk).
 
@@ -390,7 +419,7 @@ def _pool_backward(
         da_g = _reduce_to_shape(dz.float(), p.a.shape) + share * db[..., None]
         da_g = da_g.masked_fill(p.a == float("-inf"), 0.0)  # (·, ng, nq, G)
         da = da_g.transpose(1, 2).reshape(p.a.shape[0], p.a.shape[2], n)[..., :valid]
-    return dkg.reshape(hk, n, dim)[:, :valid], dvg.reshape(hk, n, -1)[:, :valid], dprobe, da
+    return dkg.reshape(hk, n, dim)[:, :valid], dvg.reshape(hk, n, dvg.shape[-1])[:, :valid], dprobe, da
 
 
 # ----------------------------------------------------------------------------- chunks and parts
@@ -409,10 +438,11 @@ class _Chunk:
     mask: torch.Tensor | None  # this chunk's part of the user mask, 4-D (1, 1 or h, 1 or S, 1 or S)
     mask_index: tuple[slice, slice]  # where ``mask`` sits in the 4-D view of the whole mask
     values: torch.Tensor | None  # mask_values of ``mask`` (1 or h, 1 or nb, 1 or S)
+    row_groups: torch.Tensor | None  # row_groups of ``mask`` (1 or h, nb·bs, 1 or ng) additive, or None
 
 
 def _chunks(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, lay: _Layout, per_query: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, lay: _Layout
 ) -> Iterator[_Chunk]:
     """Split the work by batch element and by groups of kv heads (with all their query heads).
 
@@ -423,28 +453,31 @@ def _chunks(
     kv_heads = k.shape[1]
     group = heads // kv_heads
     dims = k.shape[-1] + v.shape[-1]
-    nq = lay.num_blocks if per_query else 1
     copy = 0 if lay.full else (lay.num_windows * lay.fold + lay.window_len) * dims
-    per_kv_head = group * (copy + nq * lay.num_slots * dims + nq * seq) * 4
+    per_kv_head = group * (copy + seq * dims) * 4  # window copies and the (per head) keys pooled from
     step = max(1, _CHUNK_BYTES // max(1, per_kv_head))
     step = cdiv(kv_heads, cdiv(kv_heads, step))  # equal chunks: a last chunk of one head runs slowly
     m4 = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     for b in range(batch):
-        shared = None  # mask values of a mask without a head axis: one per batch element
+        shared = None  # what is read from a mask without a head axis: once per batch element
         for h0 in range(0, kv_heads, step):
             kvs = slice(h0, min(h0 + step, kv_heads))
             hs = slice(kvs.start * group, kvs.stop * group)
-            mask, where, values = None, (slice(None), slice(None)), None
+            mask, where, values, rows = None, (slice(None), slice(None)), None, None
             if m4 is not None:
                 where = (slice(b, b + 1) if m4.shape[0] > 1 else slice(None), hs if m4.shape[1] > 1 else slice(None))
                 mask = m4[where]
                 if m4.shape[1] > 1 or shared is None:
                     values = _member_values(mask[0], lay.block_size, seq)
+                    rows = row_groups(mask[0], lay.geo)
+                    if rows is not None:
+                        pad = lay.num_blocks * lay.block_size - seq
+                        rows = _bias(F.pad(rows, (0, 0, 0, pad)), q.dtype)
                     if m4.shape[1] == 1:
-                        shared = values
+                        shared = values, rows
                 else:
-                    values = shared
-            yield _Chunk(b, hs, kvs, q[b, hs], k[b, kvs], v[b, kvs], mask, where, values)
+                    values, rows = shared
+            yield _Chunk(b, hs, kvs, q[b, hs], k[b, kvs], v[b, kvs], mask, where, values, rows)
 
 
 def _per_head(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -574,14 +607,16 @@ class _Tables:
     k: torch.Tensor  # (h, nq, sinks + groups, D) in q's dtype
     v: torch.Tensor  # (h, nq, sinks + groups, Dv)
     bias: torch.Tensor  # (1 or h, 1 or nq, 1, sinks + groups) in q's dtype (0 on the sinks)
-    pooled: _Pooled
+    pooled: _Pooled | None  # None: no groups (only sinks)
 
 
-def _tables(src: _Sources, pooled: _Pooled, ns: int, heads: int, dtype: torch.dtype) -> _Tables:
+def _tables(src: _Sources, pooled: _Pooled | None, nq: int, ns: int, heads: int, dtype: torch.dtype) -> _Tables:
     """Put the sinks in front of the summaries, in q's dtype, one table per query head."""
-    nq = pooled.k.shape[1]
     sink_k = src.k[:, None, :ns].expand(-1, nq, -1, -1)
     sink_v = src.v[:, None, :ns].expand(-1, nq, -1, -1)
+    if pooled is None:
+        zero = torch.zeros(1, 1, 1, ns, dtype=dtype, device=src.k.device)
+        return _Tables(_per_head(sink_k.to(dtype), heads), _per_head(sink_v.to(dtype), heads), zero, None)
     k_t = _per_head(torch.cat([sink_k, pooled.k], dim=2).to(dtype), heads)
     v_t = _per_head(torch.cat([sink_v, pooled.v], dim=2).to(dtype), heads)
     b = pooled.bias
@@ -606,7 +641,10 @@ def _condensed_ranges(
     geo_bias = _condensed_bias(lay, c.q.device, dtype, size_bias and c.values is None).view(nb, bs, -1)
     reach = _condensed_reach(lay)
     qpos = torch.arange(nb * bs, device=c.q.device).view(nb, bs)
-    shared = None if src.per_block else _tables(src, _pool_blocks(src, None, geo.num_groups, geo, scale, size_bias), ns, heads, dtype)
+    shared = None
+    if not src.per_block:
+        pooled = _pool_blocks(src, None, geo.num_groups, geo, scale, size_bias) if geo.num_groups else None
+        shared = _tables(src, pooled, 1, ns, heads, dtype)
     per = bs * lay.num_slots * (heads if (c.mask is not None or c.values is not None) else 1)
     per += 2 * heads * bs * c.v.shape[-1] + (heads * lay.num_slots * (c.k.shape[-1] + c.v.shape[-1]) if src.per_block else 0)
     # Causal: a range reads the slots its last block sees; short ranges waste little.
@@ -616,8 +654,10 @@ def _condensed_ranges(
         if slots == 0:
             continue
         n = r.stop - r.start
-        if src.per_block:
-            t = _tables(src, _pool_blocks(src, r, slots - ns, geo, scale, size_bias), ns, heads, dtype)
+        per_block = src.per_block
+        if per_block:
+            pooled = _pool_blocks(src, r, slots - ns, geo, scale, size_bias) if slots > ns else None
+            t = _tables(src, pooled, n, ns, heads, dtype)
             q, query_pos, tk, tb = qb[:, r], qpos[r], slice(None), slice(None)
             mask = geo_bias[None, r, :, :slots]
         else:
@@ -626,6 +666,12 @@ def _condensed_ranges(
             mask = geo_bias[r, :, :slots].reshape(1, 1, n * bs, slots)
         if c.values is not None:
             mask = mask + t.bias[:, tb, :, :slots]
+        if c.row_groups is not None and slots > ns:
+            rows = c.row_groups[:, r.start * bs : r.stop * bs, : slots - ns].unflatten(1, (n, bs))
+            if not per_block:
+                rows = rows.flatten(1, 2)[:, None]
+            mask = mask.expand(max(mask.shape[0], rows.shape[0]), -1, -1, -1).clone()
+            mask[..., ns:] += rows
         # Slot positions: the sinks' keys, then the summaries (no position: seq_len).
         key_pos = torch.arange(slots, device=c.q.device)
         key_pos[ns:] = lay.seq_len
@@ -647,9 +693,14 @@ def _layout(q: torch.Tensor, recent: int, group: int, sinks: int, is_causal: boo
     return _Layout(geo, block_size, WINDOW_FOLD)
 
 
-def _per_query_tables(pooling: str, attn_mask: torch.Tensor | None) -> bool:
-    """Summaries depend on the query block: query pooling, or a mask that varies along the queries."""
-    return pooling == "query" or (attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] > 1)
+def _attend_math(q: torch.Tensor, part: _Part, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention written out (fp32 for half inputs): for value dims other than the key dim,
+    which PyTorch's fused CPU kernel does not take. Rows that see nothing give 0 and logsumexp -inf."""
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    s = (q.to(acc) @ part.k.to(acc).transpose(-1, -2)) * scale + part.mask.to(acc)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    return (p @ part.v.to(acc)).to(q.dtype), lse.float()
 
 
 def _attend_range(
@@ -660,6 +711,8 @@ def _attend_range(
     Without a user mask those rows are known from the geometry (``seeing``,
     per blocked row), which spares a pass over the mask to find them.
     """
+    if rg.q.shape[-1] != rg.part.v.shape[-1]:
+        return _attend_math(rg.q, rg.part, scale)
     if c.mask is not None:
         return _attend(rg.q, rg.part, scale, need_lse=need_lse, may_be_empty=True)
     o, m = _attend(rg.q, rg.part, scale, need_lse=need_lse, may_be_empty=False)
@@ -748,7 +801,7 @@ def condensed_attention_torch(
         return out
     lay = _layout(q, recent, group, sinks, is_causal, block_size)
     two = has_condensed_part(lay)
-    for c in _chunks(q, k, v, attn_mask, lay, _per_query_tables(pooling, attn_mask)):
+    for c in _chunks(q, k, v, attn_mask, lay):
         ow, lw = _chunk_parts(c, lay, scale, need_lse=two)
         if not two:
             out[c.batch, c.heads] = ow[:, :seq]
@@ -818,7 +871,7 @@ def condensed_attention_grads(
     lay = _layout(q, recent, group, sinks, is_causal, block_size)
     two = has_condensed_part(lay)
     ns = lay.geo.num_sinks
-    for c in _chunks(q, k, v, attn_mask, lay, _per_query_tables(pooling, attn_mask)):
+    for c in _chunks(q, k, v, attn_mask, lay):
         h = c.q.shape[0]
         ow, lw = _chunk_parts(c, lay, scale, need_lse=True)
         ow, lw = ow[:, :seq].to(acc), lw[:, :seq]
@@ -916,6 +969,8 @@ def _condensed_backward(
         out.dv[:, :ns] += dv_r[:, :, :ns].sum(1)
         if out.dm4 is not None and c.mask is not None and ns:
             _scatter_mask_grad(out.dm4, c, h, rg.query_pos, rg.part.key_pos[..., :ns], ds[..., :ns])
+        if t.pooled is None:
+            continue
         dks, dvs, dbs = dk_r[:, :, ns:], dv_r[:, :, ns:], ds[..., ns:].sum(-2).float()
         if shared is None:
             _summary_backward(c, t.pooled, dks, dvs, dbs, r, src, lay, scale, size_bias, out, da_all)

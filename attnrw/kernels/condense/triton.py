@@ -11,7 +11,8 @@ matmuls); the kernel then does the attention. One program handles a tile of
 1. the sinks ``[0, sinks)`` (causal: ``j <= i``), user mask read per pair;
 2. the summary table of its query block (or the shared one), plus each
    summary's bias; a row sees group ``g`` when ``g < glo[i]`` or
-   ``g > ghi[i]``, visited as two spans;
+   ``g > ghi[i]`` (and, for masks that vary along the queries, its own mask
+   row allows some key of the group), visited as two spans;
 3. the exact keys ``xs[i] <= j <= xe[i]``, user mask read per pair.
 
 The per-query bounds come from :func:`attnrw.kernels.condense.layout.query_bounds`,
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 
 from attnrw.kernels.condense.layout import Geometry, check_inputs, query_bounds
-from attnrw.kernels.condense.reference import summary_tables
+from attnrw.kernels.condense.reference import row_groups, summary_tables
 from attnrw.kernels.sparse.layout import cdiv
 
 _LOG2E = 1.4426950408889634
@@ -142,6 +143,7 @@ def _condensed_fwd_kernel(
     TK,
     TV,
     TB,
+    RG,
     XS,
     XE,
     GLO,
@@ -177,6 +179,10 @@ def _condensed_fwd_kernel(
     stride_tbh,
     stride_tbq,
     stride_tbn,
+    stride_rz,
+    stride_rh,
+    stride_rm,
+    stride_rn,
     stride_oz,
     stride_oh,
     stride_om,
@@ -195,6 +201,7 @@ def _condensed_fwd_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     MASK_IS_BOOL: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -250,17 +257,18 @@ def _condensed_fwd_kernel(
     tk_ptr = TK + z * stride_tkz + th * stride_tkh + qb * stride_tkq
     tv_ptr = TV + z * stride_tvz + th * stride_tvh + qb * stride_tvq
     tb_ptr = TB + z * stride_tbz + h * stride_tbh + qb * stride_tbq
+    rg_ptr = RG + z * stride_rz + h * stride_rh  # which groups each query's own mask row allows
     before_stop = tl.max(tl.where(row_ok, glo, 0), 0)
     acc, m_i, l_i = _attend_span(
         acc, m_i, l_i, q, offs_m, row_ok, 0, before_stop, zero, glo - 1,
-        tk_ptr, tv_ptr, stride_tkn, stride_tkd, stride_tvn, stride_tvd, mask_ptr, 0, 0, tb_ptr, stride_tbn,
-        head_dim, v_dim, qk_scale, False, False, True, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
+        tk_ptr, tv_ptr, stride_tkn, stride_tkd, stride_tvn, stride_tvd, rg_ptr, stride_rm, stride_rn, tb_ptr, stride_tbn,
+        head_dim, v_dim, qk_scale, HAS_ROWS, True, True, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
     )  # fmt: skip
     after_start = tl.min(tl.where(row_ok, ghi, num_groups - 1), 0) + 1
     acc, m_i, l_i = _attend_span(
         acc, m_i, l_i, q, offs_m, row_ok, after_start, num_groups, ghi + 1, zero + num_groups - 1,
-        tk_ptr, tv_ptr, stride_tkn, stride_tkd, stride_tvn, stride_tvd, mask_ptr, 0, 0, tb_ptr, stride_tbn,
-        head_dim, v_dim, qk_scale, False, False, True, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
+        tk_ptr, tv_ptr, stride_tkn, stride_tkd, stride_tvn, stride_tvd, rg_ptr, stride_rm, stride_rn, tb_ptr, stride_tbn,
+        head_dim, v_dim, qk_scale, HAS_ROWS, True, True, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
     )  # fmt: skip
     # 3. Exact keys.
     exact_start = tl.min(tl.where(row_ok, xs, seq_len), 0)
@@ -333,6 +341,7 @@ def condensed_attention_triton(
     tk_strides = _strides(tk, (False, False, tk.shape[2] == 1, False, False))
     tv_strides = _strides(tv, (False, False, tv.shape[2] == 1, False, False))
     tb_strides = _strides(tb, (False, tb.shape[1] == 1, tb.shape[2] == 1, False))
+    rows_t, rows_strides = q, (0, 0, 0, 0)
     if attn_mask is None:
         mask_t, mask_strides, is_bool = q, (0, 0, 0, 0), False
     else:
@@ -341,6 +350,11 @@ def condensed_attention_triton(
         is_bool = m4.dtype == torch.bool
         mask_t = m4.view(torch.uint8) if is_bool else m4
         mask_strides = mask_t.stride()
+        m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        rows = [row_groups(m4[b], geo) for b in range(m4.shape[0])]
+        if rows[0] is not None and ng:
+            rows_t = torch.stack(rows).view(torch.uint8)
+            rows_strides = _strides(rows_t, tuple(n == 1 for n in rows_t.shape))
 
     # Triton's interpreter multiplies the raw bits of bfloat16 dot operands (triton#11584,
     # "not supported yet"): there, and only there, run the dots in fp32 (exact upcast).
@@ -355,13 +369,15 @@ def condensed_attention_triton(
         return (num_blocks * triton.cdiv(block_size, meta["BLOCK_M"]), batch * heads)
 
     _condensed_fwd_kernel[grid](
-        q, k, v, mask_t, tk, tv, tb, xs, xe, glo, ghi, out,
-        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *tk_strides, *tv_strides, *tb_strides, *out.stride(),
+        q, k, v, mask_t, tk, tv, tb, rows_t, xs, xe, glo, ghi, out,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *tk_strides, *tv_strides, *tb_strides, *rows_strides,
+        *out.stride(),
         heads, heads // k.shape[1], table_group, seq_len, head_dim, v_dim, float(scale) * _LOG2E,
         sinks, ng, block_size, tiles_per_block,
         IS_CAUSAL=bool(is_causal),
         HAS_MASK=attn_mask is not None,
         MASK_IS_BOOL=is_bool,
+        HAS_ROWS=rows_t is not q,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         HEAD_DIM=head_dim_p,
