@@ -159,6 +159,33 @@ def test_export_existing_output_needs_force(capsys: pytest.CaptureFixture[str], 
     assert_usage_error(*run_cli(capsys, "export", "clifactories:good", "-o", str(out))[::2], "--force")
 
 
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--opset", "12"], "opset"),
+        (["--opset", "99"], "opset"),
+    ],
+)
+def test_export_refusals_leave_no_file(
+    capsys: pytest.CaptureFixture[str], factory_dir: Path, extra: list[str], needle: str
+) -> None:
+    out = factory_dir / "m.onnx"
+    code, _, err = run_cli(capsys, "export", "clifactories:good", "-o", str(out), *extra)
+    assert_usage_error(code, err, needle)
+    assert not out.exists()
+    assert [p.name for p in factory_dir.iterdir() if p.name.startswith(".m.onnx")] == []
+
+
+def test_export_bad_spec_and_unwritable_path(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
+    code, _, err = run_cli(capsys, "export", "nosuchpkg_attnrw:fn", "-o", str(factory_dir / "m.onnx"))
+    assert code == 2 and "nosuchpkg_attnrw" in err
+    blocker = factory_dir / "afile"
+    blocker.write_text("")
+    code, _, err = run_cli(capsys, "export", "clifactories:good", "-o", str(blocker / "m.onnx"))
+    assert code == 2 and "does not exist" in err
+    assert not (factory_dir / "m.onnx").exists()
+
+
 # --- MODEL forms ------------------------------------------------------------------------
 
 
