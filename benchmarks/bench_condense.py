@@ -77,54 +77,55 @@ def matched_window(seq: int, target: float, sinks: int, causal: bool) -> int:
     return lo
 
 
-def speed_rows(seqs: list[int], budget_s: float) -> list[dict]:
+def speed_rows(seqs: list[int], threads: list[int], budget_s: float) -> list[dict]:
     sparse = torch.ops.attnrw.sparse_attention
     condensed = torch.ops.attnrw.condensed_attention
     scale = DIM**-0.5
     rows = []
-    for causal in (False, True):
-        for seq in seqs:
-            g = torch.Generator().manual_seed(0)
-            q, k, v = (torch.randn(1, HEADS, seq, DIM, generator=g) for _ in range(3))
-            ck = keys_per_query(Geometry(seq, RECENT, GROUP, 0, causal))
-            window = matched_window(seq, ck, 0, causal)
-            fns: dict[str, Callable[[], object]] = {
-                "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale),
-                "sparse": lambda: sparse(q, k, v, None, causal, scale, window, 0, 0, 64, "torch"),
-            }
-            for pooling in ("mean", "query"):
-                fns[pooling] = lambda p=pooling: condensed(
-                    q, k, v, None, causal, scale, RECENT, GROUP, 0, p, False, 64, "torch"
-                )
-            with torch.no_grad():
-                times = time_interleaved(fns, min_rounds=2, budget_s=budget_s * seq / 8192)
-            rows.append(
-                {
-                    "mode": "causal" if causal else "bidir",
-                    "seq": seq,
-                    "window": window,
-                    "times": times,
-                    "dense_keys": (seq + 1) / 2 if causal else float(seq),
-                    "sparse_keys": sparse_keys_per_query(seq, window, 0, causal),
-                    "condense_keys": ck,
-                }
+    for causal, seq, n_threads in ((c, s, t) for c in (False, True) for s in seqs for t in threads):
+        torch.set_num_threads(n_threads)
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, HEADS, seq, DIM, generator=g) for _ in range(3))
+        ck = keys_per_query(Geometry(seq, RECENT, GROUP, 0, causal))
+        window = matched_window(seq, ck, 0, causal)
+        fns: dict[str, Callable[[], object]] = {
+            "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale),
+            "sparse": lambda: sparse(q, k, v, None, causal, scale, window, 0, 0, 64, "torch"),
+        }
+        for pooling in ("mean", "query"):
+            fns[pooling] = lambda p=pooling: condensed(
+                q, k, v, None, causal, scale, RECENT, GROUP, 0, p, False, 64, "torch"
             )
-            print(f"  timed {rows[-1]['mode']} S={seq}", file=sys.stderr)
+        with torch.no_grad():
+            times = time_interleaved(fns, min_rounds=2, budget_s=budget_s * seq / 8192)
+        rows.append(
+            {
+                "mode": "causal" if causal else "bidir",
+                "seq": seq,
+                "threads": n_threads,
+                "window": window,
+                "times": times,
+                "dense_keys": (seq + 1) / 2 if causal else float(seq),
+                "sparse_keys": sparse_keys_per_query(seq, window, 0, causal),
+                "condense_keys": ck,
+            }
+        )
+        print(f"  timed {rows[-1]['mode']} S={seq} threads={n_threads}", file=sys.stderr)
     return rows
 
 
 def render_speed(rows: list[dict]) -> str:
     lines = [
-        "| mode | S | pooling | condense (ms) | dense SDPA (ms) | dense / condense (bound) "
+        "| mode | S | threads | pooling | condense (ms) | dense SDPA (ms) | dense / condense (bound) "
         "| Sparse window | Sparse (ms) | Sparse / condense (bound) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         t = r["times"]
         for pooling in ("mean", "query"):
             c = t[pooling]
             lines.append(
-                f"| {r['mode']} | {r['seq']} | {pooling} | {c * 1e3:.0f} | {t['dense'] * 1e3:.0f} "
+                f"| {r['mode']} | {r['seq']} | {r['threads']} | {pooling} | {c * 1e3:.0f} | {t['dense'] * 1e3:.0f} "
                 f"| {t['dense'] / c:.2f}× ({r['dense_keys'] / r['condense_keys']:.2f}×) "
                 f"| {r['window']} | {t['sparse'] * 1e3:.0f} "
                 f"| {t['sparse'] / c:.2f}× ({r['sparse_keys'] / r['condense_keys']:.2f}×) |"
@@ -206,25 +207,32 @@ def write_results(body: str) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqs", default="8192,16384", help="sequence lengths to time (comma-separated)")
+    ap.add_argument(
+        "--threads", default=f"1,{torch.get_num_threads()}", help="torch CPU threads to time with (comma-separated)"
+    )
     ap.add_argument("--budget", type=float, default=12.0, help="seconds of timing per row at S=8192 (scaled with S)")
     ap.add_argument("--texts", type=int, default=64, help="MiniLM passages for the fidelity measurement")
     ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--write-results", action="store_true", help="record the tables in benchmarks/RESULTS.md")
     args = ap.parse_args()
     seqs = [int(s) for s in args.seqs.split(",")]
+    threads = sorted({int(t) for t in args.threads.split(",")})
+    all_threads = torch.get_num_threads()
     started = time.perf_counter()
     command = " ".join(["python benchmarks/bench_condense.py", *sys.argv[1:]])
     head = f"Date: {datetime.date.today().isoformat()}. Command: `{command}`"
     machine = (
-        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads "
-        "(a 2-core machine shared with other jobs: read times as ratios)."
+        f"torch {torch.__version__}, {platform.machine()}, {all_threads} cores shared with other jobs: read times "
+        "as ratios. One thread is the steadier measure there: the many short parallel regions of the "
+        "chunked paths lose more than one long SDPA call when another process takes a core."
     )
     speed = (
         f"CPU, fp32, batch 1, {HEADS} heads, head_dim {DIM}, recent {RECENT}, group {GROUP}, no sinks, block 64, "
         "impl='torch'; min over interleaved rounds. Sparse: window matched to the condensed keys per query "
         "(`recent + S/group`-ish), no sinks, no top-k. Bound = peer keys per query / condensed keys per query.\n\n"
-        + render_speed(speed_rows(seqs, args.budget))
+        + render_speed(speed_rows(seqs, threads, args.budget))
     )
+    torch.set_num_threads(all_threads)
     parts = [head, machine, "", "### Speed", "", speed]
     if not args.skip_fidelity:
         parts += ["", "### Fidelity at equal cost", "", render_fidelity(*fidelity(args.texts, batch=8))]

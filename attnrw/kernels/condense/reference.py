@@ -49,8 +49,7 @@ bool True = may attend, float added to the scores) applies:
   allows some key of the group (so a query whose row allows nothing sees
   nothing).
 
-A query that sees nothing (only possible through the mask, or a causal
-query among the sinks with ``sinks`` = 0 keys, which cannot happen) outputs 0.
+A query that sees nothing (only possible through the mask) outputs 0.
 
 How it is computed (cost O(S·(recent + S/group)), no S×S tensor): two parts
 per query, merged by their log-sum-exp.
@@ -63,10 +62,15 @@ per query, merged by their log-sum-exp.
 * The *condensed* part: the sink keys followed by the summaries. Summaries
   are computed once per (batch, head, group) when nothing depends on the
   query block (mean pooling, mask constant along the queries) and all
-  queries attend to them in one SDPA call per range of rows; otherwise once
-  per query block, which is folded into the batch axis. A cached mask gives
-  which summaries each query sees; causal rows only read the summaries
-  their range can see.
+  queries attend to them in one SDPA call per range of rows; otherwise per
+  query block, range by range as they are needed (only the groups the range
+  sees), with the blocks folded into the batch axis. A cached mask gives
+  which summaries each query sees; causal ranges only read the summaries
+  they can see.
+
+The backward (an op of its own) recomputes both parts and applies the
+gradient formulas by hand, through the pooling too (to keys, values, the
+probe's queries and a float mask).
 """
 
 from __future__ import annotations
@@ -84,10 +88,10 @@ from attnrw.kernels.sparse.layout import block_means, cdiv
 from attnrw.kernels.sparse.reference import _attend, _Part, _user_mask_index
 
 #: Query rows per block of the window part (independent of ``block_size``, which only
-#: decides the pooling blocks). Measured at S=8192, recent=512, group=16: 32 rows waste
-#: the fewest keys at the window's edges and ran fastest (64: +20%, 128: +30%).
+#: decides the pooling blocks). Measured on the window's SDPA call alone at S=8192, 8 heads,
+#: recent=512, group=16 (CPU time, one thread): 16 rows +14%, 32 best, 64 +6%, 128 +19%.
 WINDOW_FOLD = 32
-#: Bytes one chunk of (batch, kv heads) may hold in its copies of K and V and its summary tables.
+#: Bytes one chunk of (batch, kv heads) may hold in its copies of K and V.
 _CHUNK_BYTES = 32 << 20
 #: Elements one SDPA call may materialise (masks, gathered user mask, outputs); see _ranges.
 _RANGE_ELEMS = 1 << 22
@@ -446,8 +450,8 @@ def _chunks(
 ) -> Iterator[_Chunk]:
     """Split the work by batch element and by groups of kv heads (with all their query heads).
 
-    Sized so the padded copies of K and V and the summary tables of a chunk
-    stay near ``_CHUNK_BYTES`` (heap-reused from one chunk to the next).
+    Sized so the padded copies of K and V and the keys the summaries are
+    pooled from stay near ``_CHUNK_BYTES`` (heap-reused from one chunk to the next).
     """
     batch, heads, seq, _ = q.shape
     kv_heads = k.shape[1]
@@ -646,7 +650,9 @@ def _condensed_ranges(
         pooled = _pool_blocks(src, None, geo.num_groups, geo, scale, size_bias) if geo.num_groups else None
         shared = _tables(src, pooled, 1, ns, heads, dtype)
     per = bs * lay.num_slots * (heads if (c.mask is not None or c.values is not None) else 1)
-    per += 2 * heads * bs * c.v.shape[-1] + (heads * lay.num_slots * (c.k.shape[-1] + c.v.shape[-1]) if src.per_block else 0)
+    per += 2 * heads * bs * c.v.shape[-1]
+    if src.per_block:  # the block's tables and pooling weights
+        per += heads * (lay.num_slots * (c.k.shape[-1] + c.v.shape[-1]) + 3 * lay.seq_len)
     # Causal: a range reads the slots its last block sees; short ranges waste little.
     cap = max(1, 512 // bs) if geo.is_causal else None
     for r in _ranges(nb, per, budget, cap):
@@ -670,8 +676,9 @@ def _condensed_ranges(
             rows = c.row_groups[:, r.start * bs : r.stop * bs, : slots - ns].unflatten(1, (n, bs))
             if not per_block:
                 rows = rows.flatten(1, 2)[:, None]
-            mask = mask.expand(max(mask.shape[0], rows.shape[0]), -1, -1, -1).clone()
-            mask[..., ns:] += rows
+            if mask.shape[0] < rows.shape[0]:
+                mask = mask.expand(rows.shape[0], -1, -1, -1).clone()
+            mask[..., ns:] += rows  # mask is a fresh tensor here (a user mask gave the bias above)
         # Slot positions: the sinks' keys, then the summaries (no position: seq_len).
         key_pos = torch.arange(slots, device=c.q.device)
         key_pos[ns:] = lay.seq_len
