@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 IMPLS = ("auto", "torch", "triton")
 
 #: Default block size of the chunked PyTorch paths. Measured on the 2-core CPU
-#: (benchmarks/bench_sparse.py): 64 and 128 were within noise of each other at
-#: S=8192, W=256; 64 wastes fewer keys at the band edges.
+#: (benchmarks/bench_sparse_kernel.py, S=2048..16384, W=256; benchmarks/RESULTS.md):
+#: 32 was 2-7% ahead of 64 (within noise), 128 was 15-20% slower (more wasted keys at
+#: the band edges). 64 keeps top-k blocks coarse enough to be worth choosing.
 DEFAULT_BLOCK_SIZE = 64
 
 
