@@ -35,8 +35,7 @@ import triton.language as tl
 from attnrw.kernels.condense.layout import Geometry, check_inputs, query_bounds
 from attnrw.kernels.condense.reference import row_groups, summary_tables
 from attnrw.kernels.sparse.layout import cdiv
-
-_LOG2E = 1.4426950408889634
+from attnrw.kernels.sparse.triton import _LOG2E, _pow2_at_least
 
 
 @triton.jit
@@ -287,11 +286,6 @@ def _condensed_fwd_kernel(
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None] & (offs_dv[None, :] < v_dim),
     )
-
-
-def _pow2_at_least(n: int, lo: int) -> int:
-    """The smallest power of two >= max(n, lo) (tl.dot needs power-of-two tiles of at least 16)."""
-    return max(lo, 1 << max(0, n - 1).bit_length())
 
 
 def _strides(t: torch.Tensor, broadcast: tuple[bool, ...]) -> list[int]:
