@@ -54,7 +54,7 @@ def seconds(fn, kw, repeat: int) -> float:
 def label(p) -> str:
     d = p.to_dict()
     name = d.pop("policy")
-    keep = {k: v for k, v in d.items() if k in ("window", "sinks", "recent", "group")}
+    keep = {k: v for k, v in d.items() if k in ("window", "sinks", "recent", "group") or (k == "topk" and v)}
     return f"{name}({', '.join(f'{k}={v}' for k, v in keep.items())})"
 
 

@@ -18,57 +18,21 @@ gradient formulas, whichever implementation ran the forward.
 
 from __future__ import annotations
 
-import importlib
-import os
-from types import ModuleType
 from typing import Callable
 
 import torch
 
-from attnrw.config import IMPLS
-from attnrw.errors import ImplementationUnavailableError
+from attnrw.kernels.dispatch import check_impl, choose
 from attnrw.kernels.attention.op import empty_sdpa_layout, sdpa_layout
 from attnrw.kernels.condense.layout import check_inputs
 from attnrw.kernels.condense.reference import condensed_attention_grads, condensed_attention_torch
 
 
-def _load_triton() -> ModuleType:
-    """Import the Triton implementation; ImportError (or any import-time failure) propagates."""
-    return importlib.import_module("attnrw.kernels.condense.triton")
-
-
-def _triton_blocker(device: torch.device) -> str | None:
-    """Why the Triton kernel cannot run on ``device`` here, or None when it can."""
-    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return (
-            f"the Triton condensed-attention kernel needs CUDA tensors (got {device.type}), or CPU tensors with "
-            "TRITON_INTERPRET=1 set before triton is imported; use impl='torch' or impl='auto'"
-        )
-    try:
-        _load_triton()
-    except Exception as e:  # noqa: BLE001 - any import failure means "unavailable", reported with its cause
-        return f"triton could not be imported ({type(e).__name__}: {e}); install triton or use impl='torch'"
-    return None
-
-
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"condensed_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
-
-
 def resolve_impl(impl: str, device: torch.device) -> Callable[..., torch.Tensor]:
-    """The forward function ``impl`` names for tensors on ``device``."""
-    _check_impl(impl)
-    if impl == "torch":
-        return condensed_attention_torch
-    if impl == "triton":
-        why = _triton_blocker(device)
-        if why is not None:
-            raise ImplementationUnavailableError(why)
-        return _load_triton().condensed_attention_triton
-    if device.type == "cuda" and _triton_blocker(device) is None:
-        return _load_triton().condensed_attention_triton
-    return condensed_attention_torch
+    """The forward function ``impl`` names for tensors on ``device`` (rule in :mod:`attnrw.kernels.dispatch`)."""
+    return choose(impl, device, op="condensed_attention", torch_fn=condensed_attention_torch,
+                  module="attnrw.kernels.condense.triton", attr="condensed_attention_triton",
+                  kernel="condensed-attention")
 
 
 @torch.library.custom_op("attnrw::condensed_attention", mutates_args=())
@@ -101,7 +65,7 @@ def _condensed_attention_fake(
     q, k, v, attn_mask, is_causal, scale, recent, group, sinks, pooling, size_bias, block_size, impl
 ):
     check_inputs(q, k, v, attn_mask, recent, group, sinks, pooling, block_size)
-    _check_impl(impl)
+    check_impl(impl, "condensed_attention")
     return empty_sdpa_layout(q, v.shape[-1])
 
 

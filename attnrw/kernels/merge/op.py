@@ -15,52 +15,19 @@ math, whichever implementation ran the forward.
 
 from __future__ import annotations
 
-import importlib
-import os
-from types import ModuleType
 
 import torch
 
-from attnrw.config import IMPLS
-from attnrw.errors import ImplementationUnavailableError
+from attnrw.kernels.dispatch import check_impl, choose
 from attnrw.kernels.attention.op import empty_sdpa_layout
 from attnrw.kernels.merge.plan import check_inputs
 from attnrw.kernels.merge.reference import Attend, attend_torch, merged_attention_grads, merged_attention_torch
 
 
-def _load_triton() -> ModuleType:
-    """Import the Triton implementation; ImportError (or any import-time failure) propagates."""
-    return importlib.import_module("attnrw.kernels.merge.triton")
-
-
-def _why_no_triton(device: torch.device) -> str | None:
-    """Why the Triton kernel cannot run on ``device`` here, or None when it can."""
-    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return (
-            f"the Triton merged-attention kernel needs CUDA tensors (got {device.type}), or CPU tensors "
-            "with TRITON_INTERPRET=1 set before triton is imported; use impl='torch' or impl='auto'"
-        )
-    try:
-        _load_triton()
-    except Exception as e:  # noqa: BLE001 - any import failure means "unavailable", reported with its cause
-        return f"triton could not be imported ({type(e).__name__}: {e}); install triton or use impl='torch'"
-    return None
-
-
 def resolve_attend(impl: str, device: torch.device) -> Attend:
-    """The attention function ``impl`` names for tensors on ``device``."""
-    if impl == "torch":
-        return attend_torch
-    if impl == "triton":
-        why = _why_no_triton(device)
-        if why is not None:
-            raise ImplementationUnavailableError(why)
-        return _load_triton().biased_attention_triton
-    if impl == "auto":
-        if device.type == "cuda" and _why_no_triton(device) is None:
-            return _load_triton().biased_attention_triton
-        return attend_torch
-    raise ValueError(f"merged_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    """The attention function ``impl`` names for tensors on ``device`` (rule in :mod:`attnrw.kernels.dispatch`)."""
+    return choose(impl, device, op="merged_attention", torch_fn=attend_torch,
+                  module="attnrw.kernels.merge.triton", attr="biased_attention_triton", kernel="merged-attention")
 
 
 # Schemas written out: inferred ones would make r and protect SymInts, but they are policy
@@ -101,8 +68,7 @@ def merged_attention(
 @merged_attention.register_fake
 def _merged_attention_fake(q, k, v, attn_mask, is_causal, scale, ratio, r, mode, protect, impl):
     check_inputs(q, k, v, attn_mask, is_causal, ratio, r, mode, protect)
-    if impl not in IMPLS:
-        raise ValueError(f"merged_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    check_impl(impl, "merged_attention")
     return empty_sdpa_layout(q, v.shape[-1])
 
 

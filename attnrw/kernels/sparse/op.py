@@ -14,53 +14,20 @@ implementation ran the forward.
 
 from __future__ import annotations
 
-import importlib
-import os
-from types import ModuleType
 from typing import Callable
 
 import torch
 
-from attnrw.errors import ImplementationUnavailableError
+from attnrw.kernels.dispatch import check_impl, choose
 from attnrw.kernels.sparse.layout import check_inputs
 from attnrw.kernels.sparse.reference import sparse_attention_grads, sparse_attention_torch
 
-from attnrw.config import IMPLS  # noqa: E402  (one list of impl names for policies and ops)
-
-
-def _load_triton() -> ModuleType:
-    """Import the Triton implementation; ImportError (or any import-time failure) propagates."""
-    return importlib.import_module("attnrw.kernels.sparse.triton")
-
-
-def _triton_blocker(device: torch.device) -> str | None:
-    """Why the Triton kernel cannot run on ``device`` here, or None when it can."""
-    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return (
-            f"the Triton sparse-attention kernel needs CUDA tensors (got {device.type}), or CPU tensors with "
-            "TRITON_INTERPRET=1 set before triton is imported; use impl='torch' or impl='auto'"
-        )
-    try:
-        _load_triton()
-    except Exception as e:  # noqa: BLE001 - any import failure means "unavailable", reported with its cause
-        return f"triton could not be imported ({type(e).__name__}: {e}); install triton or use impl='torch'"
-    return None
 
 
 def resolve_impl(impl: str, device: torch.device) -> Callable[..., torch.Tensor]:
-    """The forward function ``impl`` names for tensors on ``device``."""
-    if impl == "torch":
-        return sparse_attention_torch
-    if impl == "triton":
-        why = _triton_blocker(device)
-        if why is not None:
-            raise ImplementationUnavailableError(why)
-        return _load_triton().sparse_attention_triton
-    if impl == "auto":
-        if device.type == "cuda" and _triton_blocker(device) is None:
-            return _load_triton().sparse_attention_triton
-        return sparse_attention_torch
-    raise ValueError(f"sparse_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    """The forward function ``impl`` names for tensors on ``device`` (rule in :mod:`attnrw.kernels.dispatch`)."""
+    return choose(impl, device, op="sparse_attention", torch_fn=sparse_attention_torch,
+                  module="attnrw.kernels.sparse.triton", attr="sparse_attention_triton", kernel="sparse-attention")
 
 
 @torch.library.custom_op("attnrw::sparse_attention", mutates_args=())
@@ -88,8 +55,7 @@ def sparse_attention(
 @sparse_attention.register_fake
 def _sparse_attention_fake(q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size, impl):
     check_inputs(q, k, v, attn_mask, window, sinks, topk, block_size)
-    if impl not in IMPLS:
-        raise ValueError(f"sparse_attention: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    check_impl(impl, "sparse_attention")
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

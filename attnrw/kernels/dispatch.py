@@ -1,0 +1,55 @@
+"""Choosing an op's implementation: ``impl="auto" | "torch" | "triton"``, one rule for every op.
+
+``"torch"`` is the pure-PyTorch path; ``"triton"`` the Triton kernel,
+imported only when asked for; ``"auto"`` Triton on CUDA tensors when triton
+imports, PyTorch otherwise. An explicit ``"triton"`` that cannot run raises
+:class:`~attnrw.errors.ImplementationUnavailableError` with the cause; it
+never falls back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from attnrw.config import IMPLS
+from attnrw.errors import ImplementationUnavailableError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def triton_blocker(device: torch.device, module: str, kernel: str) -> str | None:
+    """Why the Triton ``kernel`` (in ``module``) cannot run on ``device`` here, or None when it can."""
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return (
+            f"the Triton {kernel} kernel needs CUDA tensors (got {device.type}), or CPU tensors with "
+            "TRITON_INTERPRET=1 set before triton is imported; use impl='torch' or impl='auto'"
+        )
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure means "unavailable", reported with its cause
+        return f"triton could not be imported ({type(e).__name__}: {e}); install triton or use impl='torch'"
+    return None
+
+
+def check_impl(impl: str, op: str) -> None:
+    """``ValueError`` for an impl name that is none of ``IMPLS``."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+
+
+def choose(impl: str, device: torch.device, *, op: str, torch_fn: F, module: str, attr: str, kernel: str) -> F:
+    """The function ``impl`` names for tensors on ``device``: ``torch_fn`` or ``module.attr``."""
+    check_impl(impl, op)
+    if impl == "torch":
+        return torch_fn
+    why = triton_blocker(device, module, kernel)
+    if impl == "triton" and why is not None:
+        raise ImplementationUnavailableError(why)
+    if impl == "triton" or (device.type == "cuda" and why is None):
+        return getattr(importlib.import_module(module), attr)
+    return torch_fn
