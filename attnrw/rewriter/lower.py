@@ -22,6 +22,7 @@ class Lowering:
     is_causal: bool
     policy: str
     note: str = ""
+    tokens: bool = False  # a Merge(mode="tokens") site: the tokens pass may carry its merged tokens on
 
     @property
     def op_name(self) -> str:
@@ -87,16 +88,20 @@ def _lower_merge(m: Match, policy: Merge, index: int) -> Lowering:
     op = getattr(torch.ops.attnrw, "merged_attention", None)
     if op is None:
         raise ConfigError("the merge policy is not implemented in this version of attnrw")
-    mode, note = policy.mode, ""
+    mode, note, tokens = policy.mode, "", False
     if mode == "tokens":
-        # Carrying the reduced tokens through the layers that follow needs the
-        # token-wise region proven; until then the site merges and restores.
-        mode, note = "qkv", "tokens mode: merged and restored at the site (region not carried); as qkv"
+        # Emitted as qkv (merge, attend, restore at the site); the tokens pass
+        # (attnrw.rewriter.tokens) then carries the merged tokens on where it
+        # can prove the layers after the site token-wise, and notes where not.
+        mode, tokens = "qkv", site.self_attention
+        if not tokens:
+            note = "tokens mode needs one aligned sequence; merged keys/values only (kv)"
     if mode == "qkv" and not site.self_attention:
-        mode, note = "kv", "qkv needs one aligned sequence; merged keys/values only (kv)"
+        mode = "kv"
+        note = note or "qkv needs one aligned sequence; merged keys/values only (kv)"
     if policy.ratio is not None:
         ratio, r = float(_schedule_value(policy.ratio, "ratio", site.module_path, index)), -1
     else:
         ratio, r = 0.0, int(_schedule_value(policy.r, "r", site.module_path, index))
     extra = (ratio, r, mode, list(policy.protect), policy.impl)
-    return Lowering(op.default, extra, False, policy.name, note)
+    return Lowering(op.default, extra, False, policy.name, note, tokens)

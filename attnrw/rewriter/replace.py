@@ -1,6 +1,7 @@
 """The passes: find sites, plan a policy per site, replace each by one op, clean up.
 
-Pass order (one list, here): ``find_sites`` -> ``plan`` -> ``replace`` -> ``cleanup``.
+Pass order (one list, here): ``find_sites`` -> ``plan`` -> ``replace`` -> ``carry_tokens``
+(only for ``Merge(mode="tokens")`` sites) -> ``cleanup``.
 Matchers never touch the graph; every site is found before anything is replaced.
 """
 
@@ -21,6 +22,7 @@ from attnrw.patterns.site import Skipped
 from attnrw.rewriter.emit import Emitter
 from attnrw.rewriter.lower import lower
 from attnrw.rewriter.report import Decision, Report
+from attnrw.rewriter.tokens import TOKENS_META, carry_tokens
 
 log = logging.getLogger("attnrw.rewriter")
 
@@ -45,6 +47,8 @@ def replace(gm: GraphModule, matches: list[Match], policies: list[Policy | None]
             mask = emitter.emit(m.mask) if m.mask is not None else None
             emitter.result = emitter.call(lo.op, (q, k, v, mask, lo.is_causal, float(m.scale), *lo.extra))
             emitter.result.meta["attnrw_site"] = site.to_dict()
+            if lo.tokens:
+                emitter.result.meta[TOKENS_META] = True
             if "nn_module_stack" in m.replace.meta:
                 emitter.result.meta["nn_module_stack"] = m.replace.meta["nn_module_stack"]
             out = emitter.restride(emitter.emit(m.output), m.replace)
@@ -103,6 +107,7 @@ def run_passes(
     report.decisions = replace(gm, matches, policies)
     gm.graph.eliminate_dead_code()
     _drop_dead_anchors(gm, [m for m, p in zip(matches, policies) if p is not None])
+    report.decisions = carry_tokens(gm, report.decisions)
     for d in report.decisions:
         if d.op is None:
             report.skipped.append(Skipped(d.module_path, d.node, d.note))

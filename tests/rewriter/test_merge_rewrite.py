@@ -28,9 +28,10 @@ def _diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def test_ratio_zero_is_dense(name: str, mode: str) -> None:
     ref, out, reports = _compile(name, {"policy": "merge", "ratio": 0.0, "mode": mode})
     decisions = [d for r in reports for d in r.decisions]
-    assert decisions and all(d.op == "merged_attention" for d in decisions)
+    want = "tokens_attention" if mode == "tokens" else "merged_attention"
+    assert decisions and all(d.op == want for d in decisions)
     if mode == "tokens":
-        assert all("tokens mode" in d.note for d in decisions)
+        assert all("carried through" in d.note for d in decisions)
     assert _diff(out, ref) <= 1e-5
 
 

@@ -170,6 +170,9 @@ def merge_plan(
     ratio: float,
     r: int,
     protect: list[int] | tuple[int, ...],
+    sizes: torch.Tensor | None = None,
+    protected: torch.Tensor | None = None,
+    exact: bool = False,
 ) -> MergePlan:
     """Bipartite soft matching on the keys (see the module docstring).
 
@@ -177,18 +180,26 @@ def merge_plan(
     (batch, heads, q_len, N); ``r >= 0`` tokens to merge away, or ``r == -1``
     for ``round(ratio · N)``. Returns the plan; ``plan.num_tokens`` is the
     number of keys attention runs on.
+
+    For tokens that are already merged (``tokens`` mode): ``sizes`` (B, N)
+    gives each token's weight (members it stands for; the plan's sizes are
+    then sums of these), ``protected`` (B, N) bool marks more tokens that
+    never merge. ``exact=True`` merges exactly the requested count, which the
+    caller has clipped to :func:`exact_count`: when a bipartite round finds no
+    eligible pair (the alternating split can strand the last tokens of a
+    kind), rounds that pair any two eligible tokens merge one pair at a time.
     """
     batch, _, n, _ = k.shape
     dev = k.device
     index = torch.arange(n, device=dev).expand(batch, n).contiguous()
-    sizes = torch.ones(batch, n, dtype=torch.int64, device=dev)
+    sizes = torch.ones(batch, n, dtype=torch.int64, device=dev) if sizes is None else sizes.to(torch.int64)
     want = merge_count(n, ratio, r)
     if want == 0 or n < 2:
         return MergePlan(index, sizes)
 
     metric = k.float().mean(1)  # (B, N, D): what ToMe matches on
     prot_pos = sorted({p for p in protect if p < n})
-    prot = torch.zeros(batch, n, dtype=torch.bool, device=dev)
+    prot = torch.zeros(batch, n, dtype=torch.bool, device=dev) if protected is None else protected.clone()
     if prot_pos:
         prot[:, prot_pos] = True
     pad = key_padding(attn_mask, batch, n)
@@ -203,21 +214,25 @@ def merge_plan(
         x = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         scores = x[:, ::2] @ x[:, 1::2].transpose(1, 2)  # (B, |A|, |B|) cosine
         # Broadcast masks: no (B, |A|, |B|) bool tensor is built for protection.
-        if prot_pos:
-            scores.masked_fill_(prot[:, ::2, None], neg_inf).masked_fill_(prot[:, None, 1::2], neg_inf)
+        scores.masked_fill_(prot[:, ::2, None], neg_inf).masked_fill_(prot[:, None, 1::2], neg_inf)
         if kind is not None:
             scores.masked_fill_(kind[:, ::2, None] != kind[:, None, 1::2], neg_inf)
         best, dst = scores.max(dim=-1)  # (B, |A|)
         eligible = int((best > neg_inf).sum(-1).min())  # host sync: a shape follows from it
         step = min(want - merged, eligible)
         if step == 0:
-            break
-        # Stable, so equal similarities (e.g. identical padding keys) merge the earlier A token first.
-        src_a = best.sort(dim=-1, descending=True, stable=True).indices[:, :step]
-        src = 2 * src_a  # places in the current token list
+            if not exact:
+                break
+            src, target = _best_pair(x, prot, kind)
+        else:
+            # Stable, so equal similarities (e.g. identical padding keys) merge the earlier A token first.
+            src_a = best.sort(dim=-1, descending=True, stable=True).indices[:, :step]
+            src = 2 * src_a  # places in the current token list
+            target = 2 * dst.gather(1, src_a) + 1
+            step = src.shape[1]
         kept = torch.ones(batch, t, dtype=torch.bool, device=dev).scatter_(1, src, False)
         slot = kept.cumsum(1) - 1  # slot of each kept token among the t - step new ones
-        target = torch.arange(t, device=dev).expand(batch, t).scatter(1, src, 2 * dst.gather(1, src_a) + 1)
+        target = torch.arange(t, device=dev).expand(batch, t).scatter(1, src, target)
         slot_map = slot.gather(1, target)  # (B, t): new slot of each current token
         index = slot_map.gather(1, index)
         new_t = t - step
@@ -229,9 +244,44 @@ def merge_plan(
             # Size-weighted mean of the members' metrics (= the mean over the original tokens).
             d = metric.shape[-1]
             sums = metric.new_zeros(batch * new_t, d).index_add_(0, flat, (metric * sizes[..., None]).view(-1, d))
-            metric = sums.view(batch, new_t, d) / new_sizes[..., None]
+            metric = sums.view(batch, new_t, d) / new_sizes[..., None].clamp_min(1)
             # A merged token's flags are its kept member's (sources merge only into their own kind).
             prot = prot[kept].view(batch, new_t)
             kind = None if kind is None else kind[kept].view(batch, new_t)
         sizes = new_sizes
+    if exact and merged < want:
+        raise ValueError(
+            f"merge_plan: only {merged} of {want} tokens can merge (protected tokens and padding limit it); "
+            "ask for fewer (see exact_count)"
+        )
     return MergePlan(index, sizes)
+
+
+def exact_count(num_tokens: int, ratio: float, r: int, protected: int) -> int:
+    """The merge count ``tokens`` mode uses: the request, clipped so it can always be met.
+
+    Every token except the ``protected`` ones and one per kind (padding,
+    real) can merge, so ``N - protected - 2`` merges are always possible.
+    """
+    return max(0, min(merge_count(num_tokens, ratio, r), num_tokens - protected - 2))
+
+
+def _best_pair(
+    x: torch.Tensor, prot: torch.Tensor, kind: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One merge per batch element, (B, 1) source and target places: the most similar eligible pair.
+
+    Used when the alternating split leaves no eligible pair; the caller
+    guarantees one exists (see :func:`exact_count`).
+    """
+    t = x.shape[1]
+    neg_inf = float("-inf")
+    scores = x @ x.transpose(1, 2)
+    scores.diagonal(dim1=1, dim2=2).fill_(neg_inf)
+    scores.masked_fill_(prot[:, :, None], neg_inf).masked_fill_(prot[:, None, :], neg_inf)
+    if kind is not None:
+        scores.masked_fill_(kind[:, :, None] != kind[:, None, :], neg_inf)
+    flat = scores.flatten(1).argmax(-1, keepdim=True)
+    if bool((scores.flatten(1).gather(1, flat) == neg_inf).any()):
+        raise ValueError("merge_plan: no eligible pair of tokens is left to merge")
+    return flat // t, flat % t
