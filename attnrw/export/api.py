@@ -20,6 +20,8 @@ from torch.utils import _pytree as pytree
 from attnrw.config import Dense, PolicySpec
 from attnrw.errors import AttnrwError, ConfigError
 from attnrw.export.dense import dense_translation
+from attnrw.export.merge import check_exportable as check_merge_exportable
+from attnrw.export.merge import merged_translation
 from attnrw.export.sparse import check_exportable, sparse_translation
 from attnrw.export.verify import verify_file
 
@@ -63,6 +65,8 @@ def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
     # The sparse op lives in another kernel package; export what is registered.
     if hasattr(ops, "sparse_attention"):
         table[ops.sparse_attention.default] = sparse_translation(opset)
+    if hasattr(ops, "merged_attention"):
+        table[ops.merged_attention.default] = merged_translation(opset)
     return table
 
 
@@ -77,11 +81,16 @@ def check_translatable(program: torch.export.ExportedProgram, table: Mapping[Any
         if target not in table:
             raise ConfigError(
                 f"torch.ops.attnrw.{target.__name__} (at {node.name}) has no ONNX translation; ONNX export "
-                "supports the Dense and Sparse(topk=0) policies. Rewrite with one of those for export."
+                "supports the Dense, Sparse(topk=0) and Merge(mode='kv' or 'qkv') policies. Rewrite with "
+                "one of those for export."
             )
         if target.name() == "attnrw::sparse_attention":
             topk = node.args[8] if len(node.args) > 8 else node.kwargs.get("topk", 0)
             check_exportable(int(topk))
+        if target.name() == "attnrw::merged_attention":
+            is_causal = node.args[4] if len(node.args) > 4 else node.kwargs.get("is_causal", False)
+            mode = node.args[8] if len(node.args) > 8 else node.kwargs.get("mode", "kv")
+            check_merge_exportable(str(mode), bool(is_causal))
 
 
 def seq_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> Any:

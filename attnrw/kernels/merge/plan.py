@@ -173,6 +173,7 @@ def merge_plan(
     sizes: torch.Tensor | None = None,
     protected: torch.Tensor | None = None,
     exact: bool = False,
+    padding_first: bool = False,
 ) -> MergePlan:
     """Bipartite soft matching on the keys (see the module docstring).
 
@@ -188,6 +189,9 @@ def merge_plan(
     caller has clipped to :func:`exact_count`: when a bipartite round finds no
     eligible pair (the alternating split can strand the last tokens of a
     kind), rounds that pair any two eligible tokens merge one pair at a time.
+    ``padding_first=True`` ranks every padding pair above every real pair
+    (by similarity within each group): merging padding changes no output at
+    a real token, so it is spent first.
     """
     batch, _, n, _ = k.shape
     dev = k.device
@@ -217,6 +221,8 @@ def merge_plan(
         scores.masked_fill_(prot[:, ::2, None], neg_inf).masked_fill_(prot[:, None, 1::2], neg_inf)
         if kind is not None:
             scores.masked_fill_(kind[:, ::2, None] != kind[:, None, 1::2], neg_inf)
+            if padding_first:
+                scores.add_(kind[:, ::2, None].to(scores.dtype), alpha=4.0)  # cosines lie in [-1, 1]
         best, dst = scores.max(dim=-1)  # (B, |A|)
         eligible = int((best > neg_inf).sum(-1).min())  # host sync: a shape follows from it
         step = min(want - merged, eligible)

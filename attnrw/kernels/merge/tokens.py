@@ -20,7 +20,8 @@ Three ops:
     (B, H, 1, N) for a key padding mask) or ``None``. The site merges
     exactly :func:`~attnrw.kernels.merge.plan.exact_count` tokens by
     bipartite soft matching on the keys (token weights ``sizes``; protected
-    positions and their slots never merge; padding only with padding), runs
+    positions and their slots never merge; padding only with padding, and
+    padding pairs first: they change no real token's output), runs
     attention among the ``M`` merged tokens with the bias
     ``log Σ_{n ∈ m} exp(mask[n])`` over each merged key's original members
     (``log size`` without a mask: proportional attention; a mask that varies
@@ -167,7 +168,7 @@ def tokens_attention_torch(
         out = resolve_attend(impl, dev)(q, k, v, attn_mask, scale)
         step = torch.arange(t, device=dev).expand(batch, t).contiguous()
         return sdpa_layout(out.to(q.dtype)), step, index.clone(), sizes.clone()
-    step = merge_plan(k, key_bias, 0.0, want, [], sizes=sizes, protected=protected, exact=True)
+    step = merge_plan(k, key_bias, 0.0, want, [], sizes=sizes, protected=protected, exact=True, padding_first=True)
     new_state = MergePlan(step.index.gather(1, index), step.sizes)
     if madd is None:
         bias = step.sizes.to(acc).log()[:, None, None, :]
