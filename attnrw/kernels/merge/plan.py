@@ -235,7 +235,7 @@ def merge_plan(
             src_a = best.sort(dim=-1, descending=True, stable=True).indices[:, :step]
             src = 2 * src_a  # places in the current token list
             target = 2 * dst.gather(1, src_a) + 1
-            step = src.shape[1]
+        step = src.shape[1]
         kept = torch.ones(batch, t, dtype=torch.bool, device=dev).scatter_(1, src, False)
         slot = kept.cumsum(1) - 1  # slot of each kept token among the t - step new ones
         target = torch.arange(t, device=dev).expand(batch, t).scatter(1, src, target)
@@ -289,5 +289,5 @@ def _best_pair(
         scores.masked_fill_(kind[:, :, None] != kind[:, None, :], neg_inf)
     flat = scores.flatten(1).argmax(-1, keepdim=True)
     if bool((scores.flatten(1).gather(1, flat) == neg_inf).any()):
-        raise ValueError("merge_plan: no eligible pair of tokens is left to merge")
+        raise ValueError("merge_plan: no eligible pair of tokens is left to merge; ask for fewer merges (see exact_count)")
     return flat // t, flat % t

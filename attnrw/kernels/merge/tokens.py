@@ -157,6 +157,8 @@ def tokens_attention_torch(
     key_bias = None  # the current keys' bias over their members, (B, h', q', T)
     if attn_mask is not None:
         madd = _additive(attn_mask, acc)
+        if madd.shape[2] > 1 and bool((madd == madd[:, :, :1]).all()):
+            madd = madd[:, :, :1]  # the same for every query (a padding mask built as (B, 1, N, N)): one row
         madd = madd.expand(batch, madd.shape[1], madd.shape[2], n)
         key_bias = _key_logsumexp(madd, state)[0]
     prot_pos = sorted({p for p in protect if 0 <= p < n})
