@@ -171,8 +171,12 @@ class Merge(Policy):
     value per site in graph order, or a dict of module-path globs.
     ``mode`` is ``"kv"`` (keys/values merged, queries full), ``"qkv"``
     (merge, attend, restore) or ``"tokens"`` (the reduced tokens are carried
-    through the token-wise region that follows). ``protect`` lists positions
-    that never merge.
+    through the token-wise region that follows, :mod:`attnrw.rewriter.tokens`;
+    ratios then apply to the tokens a site receives, so they compound, and a
+    site merges at most ``N - |protect| - 2`` tokens so the count is exact;
+    a site whose region cannot be proven token-wise stays ``"qkv"`` and the
+    report says why; inference only). ``protect`` lists positions that
+    never merge.
     """
 
     ratio: Schedule | None = None
