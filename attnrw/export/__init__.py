@@ -5,7 +5,14 @@ Each attnrw op has a translation into standard ONNX operators:
 * ``attnrw::attention`` -> one ``Attention`` node at opset >= 23, else
   MatMul / Softmax / MatMul (:mod:`attnrw.export.dense`);
 * ``attnrw::sparse_attention`` (``topk=0``) -> a chunked O(S·W) window
-  (:mod:`attnrw.export.sparse`).
+  (:mod:`attnrw.export.sparse`);
+* ``attnrw::merged_attention`` (``Merge(mode="kv" | "qkv")``) -> the
+  token-merge plan in an ONNX ``Loop``, means over the merged tokens and one
+  attention with the proportional bias (:mod:`attnrw.export.merge`);
+* ``attnrw::tokens_attention``, ``attnrw::merge_tokens``,
+  ``attnrw::restore_tokens`` (``Merge(mode="tokens")``) -> the same plan on
+  a carried token state, and the merge / restore of the values that follow
+  the reduced tokens (:mod:`attnrw.export.tokens`).
 
 The file is verified in onnxruntime against the PyTorch program and written
 atomically. This package imports onnx, onnxscript and onnxruntime;

@@ -23,6 +23,7 @@ from attnrw.export.dense import dense_translation
 from attnrw.export.merge import check_exportable as check_merge_exportable
 from attnrw.export.merge import merged_translation
 from attnrw.export.sparse import check_exportable, sparse_translation
+from attnrw.export.tokens import merge_tokens, restore_tokens, tokens_translation
 from attnrw.export.verify import verify_file
 
 logger = logging.getLogger("attnrw.export")
@@ -67,6 +68,10 @@ def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
         table[ops.sparse_attention.default] = sparse_translation(opset)
     if hasattr(ops, "merged_attention"):
         table[ops.merged_attention.default] = merged_translation(opset)
+    if hasattr(ops, "tokens_attention"):  # Merge(mode="tokens"): the site and the ops that carry its tokens
+        table[ops.tokens_attention.default] = tokens_translation(opset)
+        table[ops.merge_tokens.default] = merge_tokens
+        table[ops.restore_tokens.default] = restore_tokens
     return table
 
 
@@ -81,8 +86,8 @@ def check_translatable(program: torch.export.ExportedProgram, table: Mapping[Any
         if target not in table:
             raise ConfigError(
                 f"torch.ops.attnrw.{target.__name__} (at {node.name}) has no ONNX translation; ONNX export "
-                "supports the Dense, Sparse(topk=0) and Merge(mode='kv' or 'qkv') policies. Rewrite with "
-                "one of those for export."
+                "supports the Dense, Sparse(topk=0) and Merge (mode 'kv', 'qkv' or 'tokens') policies. "
+                "Rewrite with one of those for export."
             )
         if target.name() == "attnrw::sparse_attention":
             topk = node.args[8] if len(node.args) > 8 else node.kwargs.get("topk", 0)
@@ -273,8 +278,9 @@ def to_onnx(
             ``rewrite`` returned), exported as is.
         args, kwargs: example inputs; verification runs on them.
         path: the ``.onnx`` file to write.
-        policy: the rewrite policy for a module; only ``Dense`` and
-            ``Sparse(topk=0)`` sites have an ONNX form.
+        policy: the rewrite policy for a module; ``Dense``, ``Sparse(topk=0)``
+            and ``Merge`` (modes ``"kv"``, ``"qkv"``, ``"tokens"``) sites have
+            an ONNX form (``Sparse`` with ``topk > 0`` has none: ``ConfigError``).
         opset: ONNX opset in [18, 25], default 23. At >= 23 dense attention is
             one ``Attention`` node; below, MatMul/Softmax/MatMul.
         dynamic_seq: make the sequence axis dynamic (rule in

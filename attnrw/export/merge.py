@@ -8,7 +8,10 @@ every length (the export's dynamic sequence axis):
 
 1. **The request**: ``r`` (clamped to ``[0, N]``), or ``floor(ratio · N + 0.5)``
    computed in float64 exactly as Python does it.
-2. **The plan** (bipartite soft matching on the keys): the metric is
+2. **The plan** (bipartite soft matching on the keys, :func:`_match`, also
+   the plan of ``attnrw::tokens_attention`` in :mod:`attnrw.export.tokens`,
+   which adds token weights, the padding-first ranking and the single-pair
+   fallback round of ``merge_plan(exact=True)``): the metric is
    ``k`` (as float32) averaged over the kv heads; each round normalises it,
    splits the current tokens into A (even places) and B (odd places), scores
    A × B by cosine (``MatMul``), hides protected tokens and pairs of another
@@ -45,8 +48,9 @@ same attention over size-1 "merged" tokens: equal up to rounding.
 
 Limits (``ConfigError`` from :func:`check_exportable`, raised before export):
 ``is_causal=True`` (the op itself rejects it) and a ``mode`` other than
-``"kv"`` / ``"qkv"`` (the rewriter lowers ``Merge(mode="tokens")`` to
-``"qkv"``). The head counts must be static (they are in every export). The
+``"kv"`` / ``"qkv"`` (``Merge(mode="tokens")`` becomes the tokens ops of
+:mod:`attnrw.export.tokens`, or ``"qkv"`` at sites whose tokens cannot be
+carried on). The head counts must be static (they are in every export). The
 ``Loop`` body is traced by a second instance of the exporter's own recorder
 (``torch.onnx.export(dynamo=True)``, the only caller); outside it the
 translation raises ``RuntimeError``.
@@ -68,7 +72,9 @@ from onnxscript import opset18 as op
 from onnxscript import opset23 as op23
 
 from attnrw.errors import ConfigError
-from attnrw.export._graph import Value, const, dim, ints, masked_softmax, neg_inf_like, rank, static_dim, to_rank4, zero_like
+from attnrw.export._graph import (
+    Value, const, dim, ints, masked_softmax, neg_inf_like, rank, scalar, static_dim, to_rank4, zero_like,
+)
 from attnrw.export.dense import ATTENTION_OPSET
 
 #: The modes with an ONNX form (all the op has).
@@ -92,7 +98,7 @@ def check_exportable(mode: str, is_causal: bool) -> None:
     if mode not in EXPORTABLE_MODES:
         raise ConfigError(
             f"merged_attention mode {mode!r} has no ONNX translation; export a model rewritten with "
-            f"Merge(mode='kv') or Merge(mode='qkv')"
+            f"Merge(mode='kv'), Merge(mode='qkv') or Merge(mode='tokens')"
         )
 
 
@@ -132,9 +138,7 @@ def merged_attention_graph(
 ) -> Value:
     """Trace the plan, the merge and the attention (module docstring); returns (B, H, q_len, Dv)."""
     check_exportable(mode, bool(is_causal))
-    heads, kv_heads = static_dim(q, 1), static_dim(k, 1)
-    if heads is None or kv_heads is None:
-        raise ValueError("the numbers of query and key/value heads must be static to export merged attention")
+    heads = _head_counts(q, k)
     qkv = mode == "qkv"
     batch, n = dim(k, 0), dim(k, 2)
     q_len = dim(q, 2)
@@ -155,14 +159,7 @@ def merged_attention_graph(
         if qkv and mask_rows != 1:
             bias = _merge_bias_rows(bias, plan)  # (B, h', M, M)
 
-    rows = plan.m if qkv else q_len
-    if opset >= ATTENTION_OPSET:
-        out = _attend_op23(qm, km, vm, bias, rows, float(scale))
-    else:
-        out = _attend_decomposed(qm, km, vm, bias, heads, kv_heads, float(scale), guard=mask4 is not None)
-    if mask4 is not None:
-        seen = op.Greater(op.ReduceMax(bias, ints(-1), keepdims=1), neg_inf_like(bias))
-        out = op.Where(seen, out, zero_like(out))
+    out = _attend(qm, km, vm, bias, plan.m if qkv else q_len, float(scale), mask4 is not None, opset, heads)
     return _restore(out, plan) if qkv else out
 
 
@@ -216,34 +213,58 @@ def _key_padding(mask4: Value, is_bool: bool, batch: Value, n: Value) -> Value:
 
 def _protected(protect: list[int], batch: Value, n: Value) -> Value:
     """(B, N) bool: the positions in ``protect`` (positions >= N protect nothing)."""
-    pos = op.Range(const(np.array(0, dtype=np.int64)), _scalar(n), const(np.array(1, dtype=np.int64)))
+    pos = _arange(n)
     hit = op.Equal(op.Unsqueeze(pos, ints(1)), const(np.array([sorted(set(protect))], dtype=np.int64)))
     any_hit = op.Cast(op.ReduceMax(op.Cast(hit, to=ir.DataType.INT32), ints(1), keepdims=0), to=ir.DataType.BOOL)
     return op.Expand(op.Unsqueeze(any_hit, ints(0)), op.Concat(batch, n, axis=0))
 
 
-def _scalar(x: Value) -> Value:
-    return op.Reshape(x, const(np.zeros((0,), dtype=np.int64)))
+def _arange(n: Value) -> Value:
+    """0, 1, …, n - 1 (int64) for ``n`` = [n]."""
+    return op.Range(const(np.array(0, dtype=np.int64)), scalar(n), const(np.array(1, dtype=np.int64)))
+
+
+def _key_metric(k: Value) -> Value:
+    """(B, T, D) float32: what the matching compares, the keys averaged over the kv heads."""
+    return op.ReduceMean(op.Cast(k, to=ir.DataType.FLOAT), ints(1), keepdims=0)
 
 
 def _merge_plan(
     k: Value, mask4: Value | None, mask_is_bool: bool, batch: Value, n: Value, ratio: float, r: int, protect: list[int]
 ) -> _Plan:
-    """Bipartite soft matching on the keys, rounds in a ``Loop`` (module docstring, step 2-3)."""
-    want = _request(n, ratio, r)
-    metric = op.ReduceMean(op.Cast(k, to=ir.DataType.FLOAT), ints(1), keepdims=0)  # (B, N, D)
-    grid = op.Concat(batch, n, axis=0)
-    sizes = op.Expand(ints(1), grid)
-    positions = op.Range(const(np.array(0, dtype=np.int64)), _scalar(n), const(np.array(1, dtype=np.int64)))
-    index = op.Expand(op.Unsqueeze(positions, ints(0)), grid)
-    merged = ints(0)
-    flags: list[Value] = []
-    if protect:
-        flags.append(_protected(protect, batch, n))
-    has_kind = mask4 is not None
-    if mask4 is not None:
-        flags.append(_key_padding(mask4, mask_is_bool, batch, n))
-    has_prot = bool(protect)
+    """The plan of ``merged_attention``: :func:`_match` over the N keys, each of weight 1."""
+    prot = _protected(protect, batch, n) if protect else None
+    kind = None if mask4 is None else _key_padding(mask4, mask_is_bool, batch, n)
+    ones = op.Expand(ints(1), op.Concat(batch, n, axis=0))
+    index, sizes = _match(_key_metric(k), ones, _request(n, ratio, r), batch, prot, kind)
+    return _Plan(index=index, sizes=sizes, m=op.Shape(sizes, start=1, end=2), batch=batch)
+
+
+def _match(
+    metric: Value,
+    sizes: Value,
+    want: Value,
+    batch: Value,
+    prot: Value | None = None,
+    kind: Value | None = None,
+    exact: bool = False,
+    padding_first: bool = False,
+) -> tuple[Value, Value]:
+    """Bipartite soft matching in rounds (``plan.merge_plan``), in a ``Loop`` (module docstring, steps 2-3).
+
+    ``metric`` (B, T, D) float32, ``sizes`` (B, T) int64 the weight of each
+    token (the members it stands for), ``want`` [1] the merges asked for (in
+    ``[0, T]``), ``prot`` / ``kind`` (B, T) bool or ``None``: tokens that
+    never merge, padding tokens. ``exact`` and ``padding_first`` are
+    ``merge_plan``'s: padding A tokens rank above every real one (+4 on their
+    cosines), and a round whose split leaves no eligible A token merges the
+    single most similar eligible pair instead (:func:`_best_pair`). Returns
+    ``index`` (B, T), the slot of each token, and the merged ``sizes`` (B, M).
+    """
+    t0 = op.Shape(sizes, start=1, end=2)
+    index = op.Expand(op.Unsqueeze(_arange(t0), ints(0)), op.Concat(batch, t0, axis=0))
+    flags = [f for f in (prot, kind) if f is not None]
+    has_prot, has_kind = prot is not None, kind is not None
 
     def one_round(metric: Value, sizes: Value, index: Value, merged: Value, *flags: Value) -> tuple[Value, list[Value]]:
         prot = flags[0] if has_prot else None
@@ -252,26 +273,26 @@ def _merge_plan(
         norm = op.Max(op.ReduceL2(metric, ints(-1), keepdims=1), const(np.array(1e-12, dtype=np.float32)))
         x = op.Div(metric, norm)
         scores = op.MatMul(_evens(x), op.Transpose(_odds(x), perm=[0, 2, 1]))  # (B, |A|, |B|) cosine
-        forbid = None
-        if prot is not None:
-            forbid = op.Or(op.Unsqueeze(_evens(prot), ints(2)), op.Unsqueeze(_odds(prot), ints(1)))
-        if kind is not None:
-            other = op.Xor(op.Unsqueeze(_evens(kind), ints(2)), op.Unsqueeze(_odds(kind), ints(1)))
-            forbid = other if forbid is None else op.Or(forbid, other)
-        if forbid is not None:
-            scores = op.Where(forbid, neg_inf_like(scores), scores)
+        scores = _hide(scores, _pairs_apart(prot, kind, _evens, _odds))
+        if padding_first and kind is not None:
+            bonus = op.Mul(op.Cast(_evens(kind), to=ir.DataType.FLOAT), const(np.array(4.0, dtype=np.float32)))
+            scores = op.Add(scores, op.Unsqueeze(bonus, ints(2)))  # cosines lie in [-1, 1]
         best = op.ReduceMax(scores, ints(-1), keepdims=0)  # (B, |A|)
         dst = op.ArgMax(scores, axis=-1, keepdims=0)  # first index on ties, like torch.max
         eligible = op.ReduceSum(op.Cast(op.Greater(best, neg_inf_like(best)), to=ir.DataType.INT64), ints(-1), keepdims=0)
-        step = op.Min(op.Sub(want, merged), op.ReduceMin(eligible, ints(0), keepdims=1))  # [step], same for the batch
+        fewest = op.ReduceMin(eligible, ints(0), keepdims=1)  # [1]: the same step for the whole batch
+        step = op.Min(op.Sub(want, merged), fewest)
         _, src_a = op.TopK(best, step, axis=-1, largest=1, sorted=1)  # (B, step): ties to the lower index
         src = op.Mul(src_a, ints(2))  # places in the current token list
+        target = op.Add(op.Mul(op.GatherElements(dst, src_a, axis=1), ints(2)), ints(1))
+        if exact:  # (B, 0) unless the split stalled: then one pair, wherever it is
+            pair_src, pair_target = _best_pair(x, t, _pairs_apart(prot, kind, _all, _all), op.Equal(fewest, ints(0)))
+            src, target = op.Concat(src, pair_src, axis=1), op.Concat(target, pair_target, axis=1)
+            step = op.Shape(src, start=1, end=2)
         grid_t = op.Concat(batch, t, axis=0)
         kept = op.ScatterElements(op.Expand(ints(1), grid_t), src, op.Mul(src, ints(0)), axis=1)
         slot = op.Sub(op.CumSum(kept, const(np.array(1, dtype=np.int64))), ints(1))
-        here = op.Range(const(np.array(0, dtype=np.int64)), _scalar(t), const(np.array(1, dtype=np.int64)))
-        partner = op.Add(op.Mul(op.GatherElements(dst, src_a, axis=1), ints(2)), ints(1))
-        target = op.ScatterElements(op.Expand(op.Unsqueeze(here, ints(0)), grid_t), src, partner, axis=1)
+        target = op.ScatterElements(op.Expand(op.Unsqueeze(_arange(t), ints(0)), grid_t), src, target, axis=1)
         slot_map = op.GatherElements(slot, target, axis=1)  # (B, t): new slot of each current token
         new_index = op.GatherElements(slot_map, index, axis=1)
         new_t = op.Sub(t, step)
@@ -291,14 +312,55 @@ def _merge_plan(
         ]
         new_merged = op.Add(merged, step)
         go = op.And(op.And(op.Greater(step, ints(0)), op.Less(new_merged, want)), op.GreaterOrEqual(new_t, ints(2)))
-        return _scalar(go), [new_metric, new_sizes, new_index, new_merged, *new_flags]
+        return scalar(go), [new_metric, new_sizes, new_index, new_merged, *new_flags]
 
-    start = _scalar(op.And(op.Greater(want, ints(0)), op.GreaterOrEqual(n, ints(2))))
-    carried = [metric, sizes, index, merged, *flags]
+    start = scalar(op.And(op.Greater(want, ints(0)), op.GreaterOrEqual(t0, ints(2))))
+    carried = [metric, sizes, index, ints(0), *flags]
     types = [ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.INT64, ir.DataType.INT64] + [ir.DataType.BOOL] * len(flags)
     ranks = [3, 2, 2, 1] + [2] * len(flags)
     _, sizes, index, *_ = _loop(start, carried, types, ranks, one_round, "attnrw_merge_round")
-    return _Plan(index=index, sizes=sizes, m=op.Shape(sizes, start=1, end=2), batch=batch)
+    return index, sizes
+
+
+def _pairs_apart(
+    prot: Value | None, kind: Value | None, rows: Callable[[Value], Value], cols: Callable[[Value], Value]
+) -> Value | None:
+    """(B, |rows|, |cols|) bool: pairs that may not merge (a protected token, or padding with real), or ``None``."""
+    forbid = None
+    if prot is not None:
+        forbid = op.Or(op.Unsqueeze(rows(prot), ints(2)), op.Unsqueeze(cols(prot), ints(1)))
+    if kind is not None:
+        other = op.Xor(op.Unsqueeze(rows(kind), ints(2)), op.Unsqueeze(cols(kind), ints(1)))
+        forbid = other if forbid is None else op.Or(forbid, other)
+    return forbid
+
+
+def _hide(scores: Value, forbid: Value | None) -> Value:
+    return scores if forbid is None else op.Where(forbid, neg_inf_like(scores), scores)
+
+
+def _best_pair(x: Value, t: Value, forbid: Value | None, stalled: Value) -> tuple[Value, Value]:
+    """``plan._best_pair``: (B, 1) source and target places of each element's most similar eligible pair.
+
+    Over all ordered pairs of distinct current tokens (``x`` normalised,
+    (B, t, D)); the first maximum of the flattened (B, t·t) scores, like
+    ``torch.argmax``. Both are (B, 0) unless ``stalled`` ([1] bool) and every
+    batch element has an eligible pair (the op guarantees one; without it
+    the round merges nothing and the rounds stop).
+    """
+    here = _arange(t)
+    same = op.Equal(op.Unsqueeze(here, ints(1)), op.Unsqueeze(here, ints(0)))  # (t, t): a token with itself
+    scores = _hide(op.MatMul(x, op.Transpose(x, perm=[0, 2, 1])), same if forbid is None else op.Or(forbid, same))
+    flat = op.Reshape(scores, op.Concat(op.Shape(scores, start=0, end=1), ints(-1), axis=0))
+    pick = op.ArgMax(flat, axis=1, keepdims=1)  # (B, 1)
+    found = op.Greater(op.ReduceMax(flat, ints(1), keepdims=1), neg_inf_like(flat))
+    every = op.Cast(op.ReduceMin(op.Cast(found, to=ir.DataType.INT64), ints(0), keepdims=0), to=ir.DataType.BOOL)
+    take = op.Cast(op.And(stalled, every), to=ir.DataType.INT64)  # [1]: 1 or 0 columns
+    return (op.Slice(op.Div(pick, t), ints(0), take, ints(1)), op.Slice(op.Mod(pick, t), ints(0), take, ints(1)))
+
+
+def _all(x: Value) -> Value:
+    return x
 
 
 def _evens(x: Value) -> Value:
@@ -332,7 +394,7 @@ def _loop(
     nodes = getattr(outer, "nodes", None)
     if not isinstance(nodes, list) or not hasattr(outer, "opset"):
         raise RuntimeError(
-            "the merged_attention translation builds an ONNX Loop and must be traced by "
+            "the merged_attention / tokens_attention translations build an ONNX Loop and must be traced by "
             "torch.onnx.export(dynamo=True) (attnrw.export.to_onnx)"
         )
     prefix = f"{name}{next(_LOOP_IDS)}"
@@ -372,26 +434,36 @@ def _loop(
 # ----------------------------------------------------------------------------- merge, bias, attention, restore
 
 
-def _merge_tokens(x: Value, plan: _Plan) -> Value:
-    """(B, h, N, d) -> (B, h, M, d): the mean of each merged token's members (fp32 sums for half inputs)."""
-    acc = _acc_dtype(x.dtype)
-    heads, width = dim(x, 1), dim(x, 3)
+def _merge_tokens(x: Value, plan: _Plan, weights: Value | None = None) -> Value:
+    """(B, h, N, d) -> (B, h, M, d): the mean of each merged token's members (:func:`_segment_mean`)."""
     rows = op.Transpose(x, perm=[0, 2, 1, 3])  # (B, N, h, d)
-    if acc != x.dtype:
+    return op.Transpose(_segment_mean(rows, plan, x.dtype, 2, weights), perm=[0, 2, 1, 3])
+
+
+def _segment_mean(rows: Value, plan: _Plan, dtype: ir.DataType | None, tail: int, weights: Value | None = None) -> Value:
+    """(B, N, ...) -> (B, M, ...): the mean of each merged token's members along axis 1.
+
+    ``dtype`` is that of ``rows``, ``tail`` its number of axes after the
+    token axis. With ``weights`` (B, N) the mean is weighted (``plan.sizes``
+    are then the sums of the weights). Sums are ``ScatterND(reduction="add")``
+    in float32 for half inputs.
+    """
+    acc = _acc_dtype(dtype)
+    if acc != dtype:
         rows = op.Cast(rows, to=acc)
+    after = ints(*range(2, 2 + tail))
+    if weights is not None:
+        rows = op.Mul(rows, op.Unsqueeze(op.Cast(weights, to=acc), after))
     zeros = op.Expand(op.CastLike(const(np.array(0.0, dtype=np.float32)), rows),
-                      op.Concat(plan.batch, plan.m, heads, width, axis=0))
-    sums = op.ScatterND(zeros, _batch_slot_index(plan), rows, reduction="add")  # (B, M, h, d)
-    mean = op.Div(sums, op.Unsqueeze(op.CastLike(plan.sizes, sums), ints(2, 3)))
-    if acc != x.dtype:
-        mean = op.Cast(mean, to=x.dtype)
-    return op.Transpose(mean, perm=[0, 2, 1, 3])
+                      op.Concat(plan.batch, plan.m, op.Shape(rows, start=2), axis=0))
+    sums = op.ScatterND(zeros, _batch_slot_index(plan), rows, reduction="add")  # (B, M, ...)
+    mean = op.Div(sums, op.Unsqueeze(op.CastLike(plan.sizes, sums), after))
+    return mean if acc == dtype else op.Cast(mean, to=dtype)
 
 
 def _batch_slot_index(plan: _Plan) -> Value:
     """(B, N, 2) int64: [batch element, slot] of every token, for ``ScatterND``."""
-    b = op.Range(const(np.array(0, dtype=np.int64)), _scalar(plan.batch), const(np.array(1, dtype=np.int64)))
-    b = op.Expand(op.Unsqueeze(b, ints(1)), op.Shape(plan.index))
+    b = op.Expand(op.Unsqueeze(_arange(plan.batch), ints(1)), op.Shape(plan.index))
     return op.Concat(op.Unsqueeze(b, ints(2)), op.Unsqueeze(plan.index, ints(2)), axis=2)
 
 
@@ -423,6 +495,30 @@ def _merge_bias_rows(bias: Value, plan: _Plan) -> Value:
     shape = op.Concat(op.Shape(bias, start=0, end=2), plan.m, op.Shape(bias, start=3, end=4), axis=0)
     sums = op.ScatterElements(op.Expand(zero_like(bias), shape), idx, bias, axis=2, reduction="add")
     return op.Div(sums, op.Unsqueeze(op.CastLike(plan.sizes, sums), ints(1, 3)))
+
+
+def _head_counts(q: Value, k: Value) -> tuple[int, int]:
+    """The static numbers of query and key/value heads of the op's inputs (``ValueError`` when dynamic)."""
+    heads, kv_heads = static_dim(q, 1), static_dim(k, 1)
+    if heads is None or kv_heads is None:
+        raise ValueError("the numbers of query and key/value heads must be static to export merged attention")
+    return heads, kv_heads
+
+
+def _attend(
+    q: Value, k: Value, v: Value, bias: Value, rows: Value, scale: float, masked: bool, opset: int, heads: tuple[int, int]
+) -> Value:
+    """Attention of q (B, H, rows, D) on the merged k, v with the additive ``bias``; a query whose bias row is all
+    ``-inf`` (only possible when ``masked``) outputs 0. ``heads``: :func:`_head_counts` of the op's inputs."""
+    heads, kv_heads = heads
+    if opset >= ATTENTION_OPSET:
+        out = _attend_op23(q, k, v, bias, rows, scale)
+    else:
+        out = _attend_decomposed(q, k, v, bias, heads, kv_heads, scale, guard=masked)
+    if masked:
+        seen = op.Greater(op.ReduceMax(bias, ints(-1), keepdims=1), neg_inf_like(bias))
+        out = op.Where(seen, out, zero_like(out))
+    return out
 
 
 def _attend_op23(q: Value, k: Value, v: Value, bias: Value, rows: Value, scale: float) -> Value:
@@ -459,5 +555,9 @@ def _repeat_heads(x: Value, groups: int) -> Value:
 def _restore(out: Value, plan: _Plan) -> Value:
     """(B, H, M, Dv) -> (B, H, N, Dv): each token takes its merged token's output."""
     rows = op.Transpose(out, perm=[0, 2, 1, 3])  # (B, M, H, Dv)
-    restored = op.GatherND(rows, op.Unsqueeze(plan.index, ints(2)), batch_dims=1)  # (B, N, H, Dv)
-    return op.Transpose(restored, perm=[0, 2, 1, 3])
+    return op.Transpose(_gather_rows(rows, plan.index), perm=[0, 2, 1, 3])
+
+
+def _gather_rows(rows: Value, index: Value) -> Value:
+    """(B, M, ...) -> (B, N, ...): row ``index[b, n]`` of batch element ``b`` for every token ``n``."""
+    return op.GatherND(rows, op.Unsqueeze(index, ints(2)), batch_dims=1)

@@ -524,7 +524,8 @@ def carry_tokens(gm: GraphModule, decisions: list[Decision]) -> list[Decision]:
     sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(TOKENS_META)]
     if not sites:
         return decisions
-    tokens = {n: int(_val(n.args[1]).shape[2]) for n in sites}
+    # No int() on a symbolic length: it would specialise the program to the example's length.
+    tokens = {n: s if isinstance(s := _val(n.args[1]).shape[2], int) else -1 for n in sites}
     p = TokensPass(gm, tokens)
     p.run()
     key = {n: n.meta.get("attnrw_site", {}).get("node", n.name) for n in sites}

@@ -79,3 +79,24 @@ def run_onnx(path, *inputs: torch.Tensor) -> list:
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, {i.name: t.numpy() for i, t in zip(sess.get_inputs(), inputs)})
+
+
+def check_text_model_at(path, program, length: int, pad_row: int, pad_from: int, seed: int, atol: float) -> None:
+    """Run an exported text model (``input_ids``, ``attention_mask``) at another ``length``, with row ``pad_row``
+    padded from ``pad_from``, in onnxruntime and compare every output with the program's within ``atol``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from tests.zoo import outputs_to_tensors
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (2, length), generator=g)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[pad_row, pad_from:] = 0
+    with torch.no_grad():
+        ref = outputs_to_tensors(program.module()(input_ids=ids, attention_mask=mask))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    assert len(outs) == len(ref)
+    for got, want in zip(outs, ref):
+        assert np.abs(got - want.numpy()).max() <= atol

@@ -18,8 +18,8 @@ from attnrw.errors import ConfigError
 from attnrw.export import seq_dynamic_shapes, to_onnx, translation_table
 from attnrw.export.merge import check_exportable
 from attnrw.kernels.merge import merge_plan
-from tests.export.sites import make_mask, onnx_ops, qkv, run_onnx
-from tests.zoo import ZOO, outputs_to_tensors
+from tests.export.sites import check_text_model_at, make_mask, onnx_ops, qkv, run_onnx
+from tests.zoo import ZOO
 
 #: fp32 onnxruntime vs the op's fp32 PyTorch path, same plan: summation orders only (observed <= 1e-6).
 ATOL = 1e-5
@@ -229,21 +229,8 @@ def test_model_exports_and_verifies(tmp_path, name, mode, ratio):
 def test_bert_dynamic_sequence(tmp_path):
     """BERT (SDPA: bool mask) with Merge(kv), exported with a dynamic length, verified by to_onnx and run at a
     longer length with padding in the other row."""
-    import onnxruntime as ort
-
     model, args, kwargs = ZOO["bert_sdpa"]()
     policy = attnrw.Merge(ratio=0.35, mode="kv")
     program = attnrw.rewrite(model, args, kwargs, policy=policy, dynamic_shapes=seq_dynamic_shapes(model, args, kwargs))
     path = to_onnx(program, args, tmp_path / "bert.onnx", kwargs=kwargs, dynamic_seq=True)
-
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(1, 100, (2, 23), generator=g)
-    mask = torch.ones(2, 23, dtype=torch.long)
-    mask[0, 17:] = 0
-    with torch.no_grad():
-        ref = outputs_to_tensors(program.module()(input_ids=ids, attention_mask=mask))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outs = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-    assert len(outs) == len(ref)
-    for got, want in zip(outs, ref):
-        assert np.abs(got - want.numpy()).max() <= MODEL_ATOL
+    check_text_model_at(path, program, length=23, pad_row=0, pad_from=17, seed=7, atol=MODEL_ATOL)
