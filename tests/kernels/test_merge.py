@@ -585,6 +585,23 @@ def triton_results(tmp_path_factory) -> dict[str, float]:
         ref = op(q.detach(), k.detach(), v.detach(), None, False, 0.25, 0.5, -1, "qkv", [0], "torch")
         results["op-triton-fp32"] = (out.detach().double() - ref.double()).abs().max().item()
         results["op-triton-grad-finite"] = float(not all(torch.isfinite(t.grad).all() for t in (q, k, v)))
+        # Merge(mode="tokens"): two sites, the second on the first one's merged tokens, padding mask.
+        tok = torch.ops.attnrw.tokens_attention
+        mask = make_mask("padding", 40, 40)
+        worst = 0.0
+        state = {{"torch": (None, None), "triton": (None, None)}}
+        n = 40
+        for site in range(2):
+            q, k, v = make_inputs(n, n, torch.float32, dim=16)
+            outs = {{}}
+            for impl in ("torch", "triton"):
+                index, sizes = state[impl]
+                out, _, index, sizes = tok(q, k, v, mask, 0.25, 0.3, -1, [0], index, sizes, impl)
+                outs[impl], state[impl] = out, (index, sizes)
+            assert torch.equal(state["torch"][0], state["triton"][0])
+            worst = max(worst, (outs["torch"].double() - outs["triton"].double()).abs().max().item())
+            n = state["torch"][1].shape[1]
+        results["tokens-triton-fp32"] = worst
         json.dump(results, open({str(path)!r}, "w"))
         """,
         env={"TRITON_INTERPRET": "1"},
@@ -601,6 +618,11 @@ def test_triton_interpreter_matches_torch(triton_results, case):
 def test_triton_through_op_with_backward(triton_results):
     assert triton_results["op-triton-fp32"] <= TRITON_BOUNDS["float32"]
     assert triton_results["op-triton-grad-finite"] == 0.0
+
+
+def test_triton_tokens_mode_matches_torch(triton_results):
+    """tokens_attention with impl='triton' over two chained sites: same plan, same outputs."""
+    assert triton_results["tokens-triton-fp32"] <= TRITON_BOUNDS["float32"]
 
 
 # ----------------------------------------------------------------------------- GPU
