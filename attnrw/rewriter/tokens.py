@@ -173,7 +173,7 @@ class TokensPass:
             args = [c.node for c in ins]  # type: ignore[union-attr]
         else:
             with self.gm.graph.inserting_before(node):
-                args = [self._restore(c, "another tokens site's input") if c is not None else x
+                args = [self._restore(c, "another tokens site's input", x) if c is not None else x
                         for c, x in zip(ins, (q, k, v))]
         with self.gm.graph.inserting_before(node):
             index = state.index if state is not None else None
@@ -389,13 +389,17 @@ class TokensPass:
             (x, src.index if src else None, src.sizes if src else None, dst.index, dst.sizes, tok, batch),
         )
 
-    def _restore(self, c: Carried, why: str) -> Node:
+    def _restore(self, c: Carried, why: str, like: Node) -> Node:
+        """``c`` on the original tokens, in the memory layout of ``like`` (the value it stands for).
+
+        Ops after an exit were traced on the original value: a ``view`` there
+        may need its strides (e.g. channels-last from a transposed token axis).
+        """
         if c.restored is None:
             if c.tuple_out:
                 raise _Exit("a tuple of carried values")
-            c.restored = self.emitter.call(
-                torch.ops.attnrw.restore_tokens.default, (c.node, c.state.index, c.tok, c.batch)
-            )
+            full = self.emitter.call(torch.ops.attnrw.restore_tokens.default, (c.node, c.state.index, c.tok, c.batch))
+            c.restored = self.emitter.restride(full, like)
         c.state.exits.append(why)
         return c.restored
 
@@ -405,7 +409,7 @@ class TokensPass:
             for a in node.all_input_nodes:
                 c = self.carried.get(a)
                 if c is not None:
-                    node.replace_input_with(a, self._restore(c, why))
+                    node.replace_input_with(a, self._restore(c, why, a))
 
     def _undo_empty_regions(self) -> None:
         """Sites whose output feeds no token-wise op keep their qkv op (the merged output is not used)."""
