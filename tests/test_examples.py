@@ -57,3 +57,11 @@ def test_demo() -> None:
     # than the 1e-5 of the exact rewrite alone.
     assert diff < 1e-4
     assert "eager:" in out and "compiled:" in out
+
+
+def test_merge_tokens() -> None:
+    out = run_example(sys.executable, str(EXAMPLES / "merge_tokens.py"))
+    sites = [line for line in out.splitlines() if ": tokens_attention: " in line]
+    assert len(sites) == 6 and all("carried through" in s for s in sites)
+    mean_cos = float(out.split("cosine to the unmodified model: mean ")[1].split(",")[0])
+    assert 0.9 < mean_cos <= 1.0
