@@ -127,11 +127,11 @@ def attention_grads(
         dv = dv.unflatten(1, (kv_heads, group)).sum(2)
     dmask = q.new_empty(0)
     if dm_full is not None and attn_mask is not None:
-        dmask = _reduce_to_shape(dm_full, attn_mask.shape).to(attn_mask.dtype)
+        dmask = reduce_to_shape(dm_full, attn_mask.shape).to(attn_mask.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
 
 
-def _reduce_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def reduce_to_shape(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Sum a broadcast gradient back to the shape of the tensor that was broadcast."""
     lead = grad.dim() - len(shape)
     if lead:

@@ -82,10 +82,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attnrw.kernels.attention.reference import _reduce_to_shape
+from attnrw.kernels.attention.reference import reduce_to_shape
 from attnrw.kernels.condense.layout import Geometry, check_inputs, query_bounds
 from attnrw.kernels.sparse.layout import block_means, cdiv
-from attnrw.kernels.sparse.reference import _attend, _Part, _user_mask_index
+from attnrw.kernels.sparse.reference import attend_part, Part, user_mask_index
 
 #: Query rows per block of the window part (independent of ``block_size``, which only
 #: decides the pooling blocks). Measured on the window's SDPA call alone at S=8192, 8 heads,
@@ -419,8 +419,8 @@ def _pool_backward(
         else:  # d max: split evenly among ties, as torch.amax does
             hit = (p.a == p.a.amax(-1, keepdim=True)).float()
             share = hit / hit.sum(-1, keepdim=True)
-        db = _reduce_to_shape(dbias.transpose(1, 2), p.a.shape[:-1])
-        da_g = _reduce_to_shape(dz.float(), p.a.shape) + share * db[..., None]
+        db = reduce_to_shape(dbias.transpose(1, 2), p.a.shape[:-1])
+        da_g = reduce_to_shape(dz.float(), p.a.shape) + share * db[..., None]
         da_g = da_g.masked_fill(p.a == float("-inf"), 0.0)  # (·, ng, nq, G)
         da = da_g.transpose(1, 2).reshape(p.a.shape[0], p.a.shape[2], n)[..., :valid]
     return dkg.reshape(hk, n, dim)[:, :valid], dvg.reshape(hk, n, dvg.shape[-1])[:, :valid], dprobe, da
@@ -510,7 +510,7 @@ def _add_user_mask(bias: torch.Tensor, c: _Chunk, heads: int, query_pos: torch.T
     """The slots' additive mask combined with the user mask read at (query, key) positions."""
     if c.mask is None:
         return bias
-    idx, m4 = _user_mask_index(c.mask, heads, query_pos, key_pos)
+    idx, m4 = user_mask_index(c.mask, heads, query_pos, key_pos)
     user = m4[idx]
     if user.dtype == torch.bool:
         return torch.where(user, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device))
@@ -521,7 +521,7 @@ def _scatter_mask_grad(
     dm4: torch.Tensor, c: _Chunk, heads: int, query_pos: torch.Tensor, key_pos: torch.Tensor, ds: torch.Tensor
 ) -> None:
     """Add ds (n, nb, rows, L) into the mask gradient at the (query, key) pairs the slots read."""
-    idx, _ = _user_mask_index(c.mask, heads, query_pos, key_pos)
+    idx, _ = user_mask_index(c.mask, heads, query_pos, key_pos)
     # Sum over the axes the mask broadcasts along, then scatter into its own shape.
     target = torch.broadcast_shapes(*(t.shape for t in idx))
     dims = [d for d in range(4) if target[d] == 1 and ds.shape[d] != 1]
@@ -537,7 +537,7 @@ class _Range:
     blocks: slice  # the range's query blocks of ``block_size`` (condensed part)
     q: torch.Tensor  # (h, n_blocks or 1, rows per block, D)
     query_pos: torch.Tensor  # (n_blocks or 1, rows per block)
-    part: _Part
+    part: Part
     slots: int
 
 
@@ -562,7 +562,7 @@ def _window_ranges(c: _Chunk, lay: _Layout, budget: int) -> Iterator[_Range]:
     for r in _ranges(lay.num_windows, per, budget):
         key_pos = pos[None, r]
         mask = _add_user_mask(bias[None, r], c, heads, qpos[r], key_pos)
-        part = _Part(kw[:, r], vw[:, r], mask, key_pos)
+        part = Part(kw[:, r], vw[:, r], mask, key_pos)
         yield _Range(slice(r.start * fold, r.stop * fold), slice(0, 1), qw[:, r], qpos[r], part, length)
 
 
@@ -688,7 +688,7 @@ def _condensed_ranges(
             if sink.shape[0] != mask.shape[0]:
                 mask = mask.expand(sink.shape[0], -1, -1, -1).clone()
             mask[..., :ns] = sink
-        part = _Part(t.k[:, tk, :slots], t.v[:, tk, :slots], mask, key_pos)
+        part = Part(t.k[:, tk, :slots], t.v[:, tk, :slots], mask, key_pos)
         yield _Range(slice(r.start * bs, r.stop * bs), r, q, query_pos, part, slots), t
 
 
@@ -700,7 +700,7 @@ def _layout(q: torch.Tensor, recent: int, group: int, sinks: int, is_causal: boo
     return _Layout(geo, block_size, WINDOW_FOLD)
 
 
-def _attend_math(q: torch.Tensor, part: _Part, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend_math(q: torch.Tensor, part: Part, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention written out (fp32 for half inputs): for value dims other than the key dim,
     which PyTorch's fused CPU kernel does not take. Rows that see nothing give 0 and logsumexp -inf."""
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
@@ -710,7 +710,7 @@ def _attend_math(q: torch.Tensor, part: _Part, scale: float) -> tuple[torch.Tens
     return (p @ part.v.to(acc)).to(q.dtype), lse.float()
 
 
-def _attend_range(
+def attend_range(
     rg: _Range, c: _Chunk, scale: float, need_lse: bool, seeing: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """SDPA over one range; rows that see nothing give 0 (logsumexp -inf).
@@ -721,8 +721,8 @@ def _attend_range(
     if rg.q.shape[-1] != rg.part.v.shape[-1]:
         return _attend_math(rg.q, rg.part, scale)
     if c.mask is not None:
-        return _attend(rg.q, rg.part, scale, need_lse=need_lse, may_be_empty=True)
-    o, m = _attend(rg.q, rg.part, scale, need_lse=need_lse, may_be_empty=False)
+        return attend_part(rg.q, rg.part, scale, need_lse=need_lse, may_be_empty=True)
+    o, m = attend_part(rg.q, rg.part, scale, need_lse=need_lse, may_be_empty=False)
     vis = seeing[rg.rows].view(rg.q.shape[1:3])
     if not bool(vis.all()):
         o = o.masked_fill(~vis[..., None], 0.0)
@@ -740,7 +740,7 @@ def _chunk_parts(
     lse = torch.empty(heads, rows, dtype=torch.float32, device=c.q.device) if need_lse else None
     seeing = _rows_seeing(lay, c.q.device)[0]
     for rg in _window_ranges(c, lay, _RANGE_ELEMS):
-        o, m = _attend_range(rg, c, scale, need_lse, seeing)
+        o, m = attend_range(rg, c, scale, need_lse, seeing)
         out[:, rg.rows] = o.flatten(1, 2)
         if lse is not None:
             lse[:, rg.rows] = m.flatten(1, 2)
@@ -757,7 +757,7 @@ def _condensed_part(
     lse = torch.full((heads, rows), float("-inf"), dtype=torch.float32, device=c.q.device)
     seeing = _rows_seeing(lay, c.q.device)[1]
     for rg, _ in _condensed_ranges(c, lay, src, scale, size_bias, _RANGE_ELEMS):
-        o, m = _attend_range(rg, c, scale, True, seeing)
+        o, m = attend_range(rg, c, scale, True, seeing)
         out[:, rg.rows] = o.flatten(1, 2)
         lse[:, rg.rows] = m.flatten(1, 2)
     return out, lse
@@ -877,9 +877,7 @@ def condensed_attention_grads(
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _mask_out(dm4, attn_mask, q)
     lay = _layout(q, recent, group, sinks, is_causal, block_size)
     two = has_condensed_part(lay)
-    ns = lay.geo.num_sinks
     for c in _chunks(q, k, v, attn_mask, lay):
-        h = c.q.shape[0]
         ow, lw = _chunk_parts(c, lay, scale, need_lse=True)
         ow, lw = ow[:, :seq].to(acc), lw[:, :seq]
         src = None
@@ -993,7 +991,7 @@ def _condensed_backward(
         m3 = c.mask[0]
         da = da_all.sum(-1, keepdim=True) if m3.shape[-1] == 1 else da_all
         raw = mask_values(m3, bs, seq) if m3.shape[-2] > 1 else m3.float()
-        out.dm4[c.mask_index][0] += _reduce_to_shape(_mask_values_backward(da, m3, raw, bs), m3.shape).to(out.dm4.dtype)
+        out.dm4[c.mask_index][0] += reduce_to_shape(_mask_values_backward(da, m3, raw, bs), m3.shape).to(out.dm4.dtype)
 
 
 def _summary_backward(
@@ -1020,7 +1018,7 @@ def _summary_backward(
     hk, groups = p.kg.shape[0], p.kg.shape[1]
     if hk != h:  # pooled per kv head and repeated for its query heads
         dks, dvs = dks.unflatten(0, (hk, -1)).sum(1), dvs.unflatten(0, (hk, -1)).sum(1)
-    dbias = None if da_all is None else _reduce_to_shape(dbs, p.bias.shape)
+    dbias = None if da_all is None else reduce_to_shape(dbs, p.bias.shape)
     valid = min(groups * lay.geo.group, seq - ns)
     dkx, dvx, dprobe, da = _pool_backward(p, dks, dvs, dbias, scale, size_bias, valid)
     if hk == h:

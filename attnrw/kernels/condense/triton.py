@@ -35,7 +35,7 @@ import triton.language as tl
 from attnrw.kernels.condense.layout import Geometry, check_inputs, query_bounds
 from attnrw.kernels.condense.reference import row_groups, summary_tables
 from attnrw.kernels.sparse.layout import cdiv
-from attnrw.kernels.sparse.triton import _LOG2E, _pow2_at_least
+from attnrw.kernels.sparse.triton import LOG2E, pow2_at_least
 
 
 @triton.jit
@@ -353,8 +353,8 @@ def condensed_attention_triton(
     # Triton's interpreter multiplies the raw bits of bfloat16 dot operands (triton#11584,
     # "not supported yet"): there, and only there, run the dots in fp32 (exact upcast).
     dot_fp32 = q.dtype == torch.bfloat16 and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    block_m = min(_pow2_at_least(block_size, 16), 64)
-    head_dim_p, v_dim_p = _pow2_at_least(head_dim, 16), _pow2_at_least(v_dim, 16)
+    block_m = min(pow2_at_least(block_size, 16), 64)
+    head_dim_p, v_dim_p = pow2_at_least(head_dim, 16), pow2_at_least(v_dim, 16)
     block_n = 64 if max(head_dim_p, v_dim_p) <= 64 else 32
     tiles_per_block = cdiv(block_size, block_m)
     num_blocks = cdiv(seq_len, block_size)
@@ -366,7 +366,7 @@ def condensed_attention_triton(
         q, k, v, mask_t, tk, tv, tb, rows_t, xs, xe, glo, ghi, out,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *tk_strides, *tv_strides, *tb_strides, *rows_strides,
         *out.stride(),
-        heads, heads // k.shape[1], table_group, seq_len, head_dim, v_dim, float(scale) * _LOG2E,
+        heads, heads // k.shape[1], table_group, seq_len, head_dim, v_dim, float(scale) * LOG2E,
         sinks, ng, block_size, tiles_per_block,
         IS_CAUSAL=bool(is_causal),
         HAS_MASK=attn_mask is not None,

@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 
 from attnrw.kernels.attention.op import sdpa_layout
-from attnrw.kernels.attention.reference import _reduce_to_shape, attention_grads, dense_attention
+from attnrw.kernels.attention.reference import reduce_to_shape, attention_grads, dense_attention
 from attnrw.kernels.merge.plan import MergePlan, as_4d, check_inputs, merge_plan
 
 #: Attention on (possibly merged) tensors: (q, k, v, mask or bias, scale) -> (batch, heads, q_len, v_dim).
@@ -58,7 +58,7 @@ def attend_torch(
     return dense_attention(q, k, v, bias, False, scale)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -83,7 +83,7 @@ def merge_tokens(
     """
     batch, heads = x.shape[:2]
     flat = plan.flat_index() if flat is None else flat
-    rows = _token_rows(x).to(_acc_dtype(x.dtype))
+    rows = _token_rows(x).to(acc_dtype(x.dtype))
     if weights is not None:
         rows = rows * weights.flatten()[:, None].to(rows.dtype)
     sums = rows.new_zeros(batch * plan.num_tokens, rows.shape[-1]).index_add_(0, flat, rows)
@@ -94,7 +94,7 @@ def merge_tokens(
 def unmerge_grad(g: torch.Tensor, plan: MergePlan, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Backward of :func:`merge_tokens`: (B, h, M, d) -> (B, h, N, d), each member gets grad / size."""
     batch, heads = g.shape[:2]
-    rows = _token_rows(g).to(_acc_dtype(dtype)) / plan.sizes.flatten()[:, None]
+    rows = _token_rows(g).to(acc_dtype(dtype)) / plan.sizes.flatten()[:, None]
     return _from_rows(rows.index_select(0, flat).to(dtype), batch, heads)
 
 
@@ -112,7 +112,7 @@ def _restore_grad(g: torch.Tensor, plan: MergePlan, flat: torch.Tensor) -> torch
     return _from_rows(sums, batch, heads)
 
 
-def _additive(attn_mask: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+def additive_mask(attn_mask: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """The mask as a 4-D additive tensor (bool: 0 / -inf) in ``acc``."""
     m4 = as_4d(attn_mask)
     if m4.dtype == torch.bool:
@@ -120,7 +120,7 @@ def _additive(attn_mask: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     return m4.to(acc)
 
 
-def _key_logsumexp(madd: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
+def key_logsumexp(madd: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:
     """log Σ exp over each merged key's members: (B, h', q', N) -> (B, h', q', M), and the index used."""
     idx = plan.index[:, None, None, :].expand(madd.shape)
     shape = (*madd.shape[:-1], plan.num_tokens)
@@ -159,7 +159,7 @@ def _merge(
     (merged to M in "qkv" mode when the mask varies along queries), so its
     cost is that of the mask, not of B·H·S²; it is fp32 (fp64 for fp64 inputs).
     """
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     flat = plan.flat_index()
     km, vm = merge_tokens(k, plan, flat), merge_tokens(v, plan, flat)
     qm = merge_tokens(q, plan, flat) if merge_queries else q
@@ -167,21 +167,21 @@ def _merge(
         bias = plan.sizes.to(acc).log()[:, None, None, :]
         return _Merged(qm, km, vm, bias, flat, None, None, None)
     batch, n = plan.index.shape
-    madd = _additive(attn_mask, acc)
+    madd = additive_mask(attn_mask, acc)
     madd = madd.expand(batch, madd.shape[1], madd.shape[2], n)
-    key_lse, key_idx = _key_logsumexp(madd, plan)
-    bias = _merge_rows(key_lse, plan) if merge_queries and key_lse.shape[2] > 1 else key_lse
+    key_lse, key_idx = key_logsumexp(madd, plan)
+    bias = merge_rows(key_lse, plan) if merge_queries and key_lse.shape[2] > 1 else key_lse
     return _Merged(qm, km, vm, bias, flat, madd, key_lse, key_idx)
 
 
-def _merge_rows(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+def merge_rows(x: torch.Tensor, plan: MergePlan) -> torch.Tensor:
     """Mean over the members of each merged query: (B, h', N, M) -> (B, h', M, M)."""
     idx = plan.index[:, None, :, None].expand(x.shape)
     sums = x.new_zeros(x.shape[0], x.shape[1], plan.num_tokens, x.shape[3]).scatter_add_(2, idx, x)
     return sums / plan.sizes[:, None, :, None].to(x.dtype)
 
 
-def _zero_unseen(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def zero_unseen(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Rows whose bias is -inf for every key output 0 (SDPA on the CPU does that already, CUDA gives NaN)."""
     seen = bias.amax(-1, keepdim=True) > float("-inf")
     return out.masked_fill_(~seen, 0.0)
@@ -231,7 +231,7 @@ def attention_with_plan(
     mg = _merge(q, k, v, attn_mask, plan, qkv)
     out = attend(mg.q, mg.k, mg.v, mg.bias, scale)
     if attn_mask is not None:
-        out = _zero_unseen(out, mg.bias)
+        out = zero_unseen(out, mg.bias)
     return restore(out, plan, mg.flat) if qkv else sdpa_layout(out)
 
 
@@ -263,7 +263,7 @@ def merged_attention_grads(
     plan = merge_plan(k, attn_mask, ratio, r, protect)
     if plan.num_merged == 0:
         return attention_grads(grad_out, q, k, v, attn_mask, False, scale, mask_grad)
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     qkv = mode == "qkv"
     mg = _merge(q, k, v, attn_mask, plan, qkv)
     g = _restore_grad(grad_out.to(acc), plan, mg.flat) if qkv else grad_out
@@ -285,6 +285,6 @@ def merged_attention_grads(
         lse_at = mg.key_lse.gather(-1, mg.key_idx)
         none = lse_at == float("-inf")
         w = torch.exp(mg.madd - lse_at.masked_fill(none, 0.0)).masked_fill_(none, 0.0)
-        dmask = _reduce_to_shape(dlse.gather(-1, mg.key_idx) * w, attn_mask.shape).to(attn_mask.dtype)
+        dmask = reduce_to_shape(dlse.gather(-1, mg.key_idx) * w, attn_mask.shape).to(attn_mask.dtype)
     return dq.to(q.dtype), dk, dv, dmask
 

@@ -57,7 +57,8 @@ import torch
 from attnrw.kernels.attention.op import empty_sdpa_layout, sdpa_layout
 from attnrw.kernels.merge.op import resolve_attend
 from attnrw.kernels.merge.plan import MergePlan, as_4d, exact_count, merge_plan
-from attnrw.kernels.merge.reference import _acc_dtype, _additive, _key_logsumexp, _merge_rows, _zero_unseen, merge_tokens as _merge
+from attnrw.kernels.merge.reference import acc_dtype, additive_mask, key_logsumexp, merge_rows, zero_unseen
+from attnrw.kernels.merge.reference import merge_tokens as _merge
 
 _STATE = "Tensor? index, Tensor? sizes"
 
@@ -152,15 +153,15 @@ def tokens_attention_torch(
         index = torch.arange(t, device=dev).expand(batch, t).contiguous()
         sizes = torch.ones(batch, t, dtype=torch.int64, device=dev)
     state = MergePlan(index, sizes)
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     madd = None
     key_bias = None  # the current keys' bias over their members, (B, h', q', T)
     if attn_mask is not None:
-        madd = _additive(attn_mask, acc)
+        madd = additive_mask(attn_mask, acc)
         if madd.shape[2] > 1 and bool((madd == madd[:, :, :1]).all()):
             madd = madd[:, :, :1]  # the same for every query (a padding mask built as (B, 1, N, N)): one row
         madd = madd.expand(batch, madd.shape[1], madd.shape[2], n)
-        key_bias = _key_logsumexp(madd, state)[0]
+        key_bias = key_logsumexp(madd, state)[0]
     prot_pos = sorted({p for p in protect if 0 <= p < n})
     protected = torch.zeros(batch, t, dtype=torch.bool, device=dev)
     if prot_pos:
@@ -175,14 +176,14 @@ def tokens_attention_torch(
     if madd is None:
         bias = step.sizes.to(acc).log()[:, None, None, :]
     else:
-        bias = _key_logsumexp(madd, new_state)[0]
+        bias = key_logsumexp(madd, new_state)[0]
         if bias.shape[2] > 1:  # a mask that varies by query: a merged query's row is its members' mean
-            bias = _merge_rows(bias, new_state)
+            bias = merge_rows(bias, new_state)
     flat = step.flat_index()
     qm, km, vm = (_merge(x, step, flat, sizes) for x in (q, k, v))
     out = resolve_attend(impl, dev)(qm, km, vm, bias, scale)
     if madd is not None:
-        out = _zero_unseen(out, bias)
+        out = zero_unseen(out, bias)
     # Outputs of a custom op may not alias its inputs: with nothing to merge the plan passes sizes through.
     new_sizes = new_state.sizes.clone() if new_state.sizes is sizes else new_state.sizes
     return sdpa_layout(out.to(q.dtype)), step.index, new_state.index, new_sizes
@@ -265,7 +266,7 @@ def merge_tokens(
     _check_dims("merge_tokens", x, tok_dim, batch_dim, batch, t)
     m = dst_sizes.shape[1]
     rows, shape = _rows(x, tok_dim, batch_dim, batch)
-    acc = rows.to(_acc_dtype(x.dtype))
+    acc = rows.to(acc_dtype(x.dtype))
     if src_index is None:
         step = dst_index
     else:

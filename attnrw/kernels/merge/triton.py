@@ -7,7 +7,7 @@ attention on the merged tokens. The bias (the proportional-attention
 broadcast dimensions, so a per-key bias (batch, 1, 1, M) is never expanded.
 One program handles ``BLOCK_M`` queries of one (batch, head) with an
 online softmax in fp32 over all keys; the inner loop is the sparse kernel's
-:func:`attnrw.kernels.sparse.triton._attend_range` with no band limit.
+:func:`attnrw.kernels.sparse.triton.attend_range` with no band limit.
 
 Works on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (set
 before this module is first imported). Imported only when the Triton
@@ -24,7 +24,7 @@ import triton.language as tl
 
 from attnrw.kernels.attention.op import empty_sdpa_layout
 from attnrw.kernels.merge.plan import as_4d
-from attnrw.kernels.sparse.triton import _LOG2E, _attend_range, _pow2_at_least
+from attnrw.kernels.sparse.triton import LOG2E, attend_range, pow2_at_least
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _biased_fwd_kernel(
     acc = tl.zeros([BLOCK_M, V_DIM], dtype=tl.float32)
     # No band: every key is within this distance of every query.
     far = tl.maximum(q_len, kv_len)
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, offs_m, row_ok, 0, kv_len, far, far,
         K + z * stride_kz + kvh * stride_kh, V + z * stride_vz + kvh * stride_vh,
         Bias + z * stride_bz + h * stride_bh,
@@ -135,8 +135,8 @@ def biased_attention_triton(
     # Triton's interpreter multiplies the raw bits of bfloat16 dot operands (triton#11584):
     # there, and only there, run the dots in fp32 (exact upcast), as the sparse kernel does.
     dot_fp32 = q.dtype == torch.bfloat16 and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    block_m = min(_pow2_at_least(q_len, 16), 64)
-    head_dim_p, v_dim_p = _pow2_at_least(head_dim, 16), _pow2_at_least(v_dim, 16)
+    block_m = min(pow2_at_least(q_len, 16), 64)
+    head_dim_p, v_dim_p = pow2_at_least(head_dim, 16), pow2_at_least(v_dim, 16)
     block_n = 64 if max(head_dim_p, v_dim_p) <= 64 else 32
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -145,7 +145,7 @@ def biased_attention_triton(
     _biased_fwd_kernel[grid](
         q, k, v, bias_t, out,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
-        heads, heads // k.shape[1], q_len, kv_len, head_dim, v_dim, float(scale) * _LOG2E,
+        heads, heads // k.shape[1], q_len, kv_len, head_dim, v_dim, float(scale) * LOG2E,
         HAS_BIAS=bias is not None,
         BIAS_IS_BOOL=is_bool,
         BLOCK_M=block_m,

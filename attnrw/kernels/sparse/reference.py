@@ -176,7 +176,7 @@ def _window_bias(geo: _Geometry, device: torch.device, dtype: torch.dtype) -> to
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
-def _user_mask_index(
+def user_mask_index(
     attn_mask: torch.Tensor, heads: int, query_pos: torch.Tensor, key_pos: torch.Tensor
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Indices into the 4-D view of one batch element's mask for every (head, block, row, slot) used.
@@ -291,7 +291,7 @@ def _fold_elems(c: _Chunk, geo: _Geometry) -> int:
 
 
 @dataclass
-class _Part:
+class Part:
     """A run of key slots every query block of a range attends to."""
 
     k: torch.Tensor  # (n, nb, L, D), possibly an overlapping or broadcast view
@@ -309,7 +309,7 @@ class _Folded:
 
     q: torch.Tensor  # (n, nb, bs, D)
     query_pos: torch.Tensor  # (nb, bs) int64 position of each query row (>= seq_len: padding)
-    parts: list[_Part]
+    parts: list[Part]
 
 
 def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
@@ -327,7 +327,7 @@ def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
     query_pos = torch.arange(nb * bs, device=dev).view(nb, bs)[qbs]
     wpos, _ = _window_layout(geo, dev)
     parts = [
-        _Part(
+        Part(
             _window_view(c.k_rows, geo)[:, qbs],
             _window_view(c.v_rows, geo)[:, qbs],
             _window_bias(geo, dev, dtype)[None, qbs],
@@ -339,7 +339,7 @@ def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
         epos = torch.arange(e, device=dev)
         seen = (epos <= query_pos[:, :, None])[None] if geo.is_causal else torch.ones(1, 1, 1, e, dtype=torch.bool, device=dev)
         parts.append(
-            _Part(
+            Part(
                 _per_head(c.k, n, e)[:, None].expand(n, count, e, -1),
                 _per_head(c.v, n, e)[:, None].expand(n, count, e, -1),
                 _bias(seen, dtype).expand(1, count, -1, -1),
@@ -357,7 +357,7 @@ def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
         # Causal candidates lie strictly before the query block (its own block is always in
         # its band), so every key of a chosen block precedes all its queries: no j <= i test.
         parts.append(
-            _Part(
+            Part(
                 c.k_rows.flatten(0, 1).index_select(0, rows).view(n, count, kk * geo.row_len, -1),
                 c.v_rows.flatten(0, 1).index_select(0, rows).view(n, count, kk * geo.row_len, -1),
                 _bias(ok[:, :, None, :], dtype),
@@ -366,7 +366,7 @@ def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
         )
     if c.mask is not None:
         for p in parts:
-            idx, m4 = _user_mask_index(c.mask, n, query_pos, p.key_pos)
+            idx, m4 = user_mask_index(c.mask, n, query_pos, p.key_pos)
             user = m4[idx]
             if user.dtype == torch.bool:
                 p.mask = torch.where(user, p.mask, torch.tensor(float("-inf"), dtype=dtype, device=dev))
@@ -380,8 +380,8 @@ def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def _attend(
-    q: torch.Tensor, part: _Part, scale: float, need_lse: bool, may_be_empty: bool
+def attend_part(
+    q: torch.Tensor, part: Part, scale: float, need_lse: bool, may_be_empty: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q (n, nb, bs, D) over one part -> (out (n, nb, bs, Dv), logsumexp (n, nb, bs) fp32 or None).
 
@@ -454,7 +454,7 @@ def sparse_attention_torch(
         for qbs in _block_ranges(geo.num_blocks, _fold_elems(c, geo), _FOLD_CHUNK_ELEMS):
             f = _fold(c, geo, qbs)
             results = [
-                _attend(f.q, p, scale, need_lse=len(f.parts) > 1, may_be_empty=c.mask is not None or i > 0)
+                attend_part(f.q, p, scale, need_lse=len(f.parts) > 1, may_be_empty=c.mask is not None or i > 0)
                 for i, p in enumerate(f.parts)
             ]
             o = results[0][0] if len(results) == 1 else _merge([r[0] for r in results], [r[1] for r in results])
@@ -524,7 +524,7 @@ def sparse_attention_grads(
                 dk_c.index_put_((rows, kpos), (ds.transpose(-1, -2) @ qc) * scale, accumulate=True)
                 dv_c.index_put_((rows, kpos), pr.transpose(-1, -2) @ gc, accumulate=True)
                 if dm4 is not None and c.mask is not None:
-                    idx, _ = _user_mask_index(c.mask, n, f.query_pos, p.key_pos)
+                    idx, _ = user_mask_index(c.mask, n, f.query_pos, p.key_pos)
                     # Sum over the axes the mask broadcasts along, then scatter into its own shape.
                     target = torch.broadcast_shapes(*(t.shape for t in idx))
                     dims = [d for d in range(4) if target[d] == 1 and ds.shape[d] != 1]

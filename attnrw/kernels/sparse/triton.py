@@ -27,11 +27,11 @@ import triton.language as tl
 
 from attnrw.kernels.sparse.layout import cdiv, check_inputs, select_blocks
 
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_range(
+def attend_range(
     acc,
     m_i,
     l_i,
@@ -198,7 +198,7 @@ def _sparse_fwd_kernel(
     tile_last = tl.minimum(row0 + BLOCK_M, blk_stop) - 1
 
     # 1. Sinks: keys [0, sinks), causality only.
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, offs_m, row_ok, 0, n_sinks, far, ahead_any,
         k_ptr, v_ptr, mask_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         head_dim, v_dim, qk_scale, HAS_MASK, MASK_IS_BOOL, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
@@ -212,7 +212,7 @@ def _sparse_fwd_kernel(
         ahead = window // 2
     lo = tl.maximum(row0 - back, n_sinks)
     hi = tl.minimum(tile_last + ahead, seq_len - 1)
-    acc, m_i, l_i = _attend_range(
+    acc, m_i, l_i = attend_range(
         acc, m_i, l_i, q, offs_m, row_ok, lo, hi + 1, back, ahead,
         k_ptr, v_ptr, mask_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
         head_dim, v_dim, qk_scale, HAS_MASK, MASK_IS_BOOL, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
@@ -223,7 +223,7 @@ def _sparse_fwd_kernel(
         kb = tl.load(blk_ptr + t * stride_bk)
         start = kb * block_size
         stop = tl.where(kb >= 0, tl.minimum(start + block_size, seq_len), start)
-        acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i = attend_range(
             acc, m_i, l_i, q, offs_m, row_ok, start, stop, far, ahead_any,
             k_ptr, v_ptr, mask_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
             head_dim, v_dim, qk_scale, HAS_MASK, MASK_IS_BOOL, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
@@ -239,7 +239,7 @@ def _sparse_fwd_kernel(
     )
 
 
-def _pow2_at_least(n: int, lo: int) -> int:
+def pow2_at_least(n: int, lo: int) -> int:
     """The smallest power of two >= max(n, lo) (tl.dot needs power-of-two tiles of at least 16)."""
     return max(lo, 1 << max(0, n - 1).bit_length())
 
@@ -288,8 +288,8 @@ def sparse_attention_triton(
     # Triton's interpreter multiplies the raw bits of bfloat16 dot operands (triton#11584,
     # "not supported yet"): there, and only there, run the dots in fp32 (exact upcast).
     dot_fp32 = q.dtype == torch.bfloat16 and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    block_m = min(_pow2_at_least(block_size, 16), 64)
-    head_dim_p, v_dim_p = _pow2_at_least(head_dim, 16), _pow2_at_least(v_dim, 16)
+    block_m = min(pow2_at_least(block_size, 16), 64)
+    head_dim_p, v_dim_p = pow2_at_least(head_dim, 16), pow2_at_least(v_dim, 16)
     block_n = 64 if max(head_dim_p, v_dim_p) <= 64 else 32
     tiles_per_block = cdiv(block_size, block_m)
     num_blocks = cdiv(seq_len, block_size)
@@ -300,7 +300,7 @@ def sparse_attention_triton(
     _sparse_fwd_kernel[grid](
         q, k, v, mask_t, blocks_t, out,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *blocks_t.stride(), *out.stride(),
-        heads, heads // k.shape[1], seq_len, head_dim, v_dim, float(scale) * _LOG2E,
+        heads, heads // k.shape[1], seq_len, head_dim, v_dim, float(scale) * LOG2E,
         window, sinks, block_size, kk, tiles_per_block,
         IS_CAUSAL=bool(is_causal),
         HAS_MASK=attn_mask is not None,
