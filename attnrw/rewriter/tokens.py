@@ -119,13 +119,12 @@ def _static(shape: Any) -> bool:
 class TokensPass:
     """One run of the pass over a graph (see the module docstring)."""
 
-    def __init__(self, gm: GraphModule, original_tokens: dict[Node, int]) -> None:
+    def __init__(self, gm: GraphModule) -> None:
         self.gm = gm
         self.emitter = Emitter(gm)
         self.carried: dict[Node, Carried] = {}
         self.states: dict[Node, State] = {}  # site node -> its state
         self.fallback: dict[Node, str] = {}  # site node -> why it stays qkv
-        self.n_tokens = original_tokens  # site node -> N, the original token count at the site
 
     # --- driving ---------------------------------------------------------------------------------
 
@@ -361,12 +360,10 @@ class TokensPass:
         shape[tok] = old_out[tok] // x.state.n * x.state.tokens
         self._emit_as(node, (x.node, shape, *node.args[2:]), dict(node.kwargs), x.state, tok, batch)
 
-    def _state_of(self, node: Node) -> State:
-        return max((c.state for c in self._carried_inputs(node)), key=_depth)
-
     def _same_args(self, node: Node, x: Carried, tok: int, batch: int, tuple_out: bool = False) -> None:
-        args = tuple(self.carried[a].node if isinstance(a, Node) and a in self.carried else a for a in node.args)
-        self._emit_as(node, args, dict(node.kwargs), self._state_of(node), tok, batch, tuple_out)
+        """Re-emit ``node`` with its one carried input ``x`` replaced (callers check there is one)."""
+        args = tuple(x.node if isinstance(a, Node) and self.carried.get(a) is x else a for a in node.args)
+        self._emit_as(node, args, dict(node.kwargs), x.state, tok, batch, tuple_out)
 
     def _emit_as(self, node: Node, args: tuple, kwargs: dict, state: State, tok: int, batch: int,
                  tuple_out: bool = False) -> None:
@@ -426,8 +423,7 @@ class TokensPass:
         for site, st in self.states.items():
             if site in self.fallback:
                 continue
-            n = self.n_tokens.get(site)
-            before = f"{n}" if st.prev is None else f"{st.prev.tokens} (carried)"
+            before = f"{st.n}" if st.prev is None else f"{st.prev.tokens} (carried)"
             exits = sorted(set(st.exits))
             out[site] = (f"tokens: attention on {st.tokens} of {before} tokens, carried through "
                          f"{st.carried_ops} token-wise ops" + (f"; restored for {', '.join(exits)}" if exits else ""))
@@ -528,9 +524,7 @@ def carry_tokens(gm: GraphModule, decisions: list[Decision]) -> list[Decision]:
     sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(TOKENS_META)]
     if not sites:
         return decisions
-    # No int() on a symbolic length: it would specialise the program to the example's length.
-    tokens = {n: s if isinstance(s := _val(n.args[1]).shape[2], int) else -1 for n in sites}
-    p = TokensPass(gm, tokens)
+    p = TokensPass(gm)
     p.run()
     key = {n: n.meta.get("attnrw_site", {}).get("node", n.name) for n in sites}
     notes = {key[n]: note for n, note in p.notes().items()}

@@ -289,5 +289,7 @@ def _best_pair(
         scores.masked_fill_(kind[:, :, None] != kind[:, None, :], neg_inf)
     flat = scores.flatten(1).argmax(-1, keepdim=True)
     if bool((scores.flatten(1).gather(1, flat) == neg_inf).any()):
-        raise ValueError("merge_plan: no eligible pair of tokens is left to merge; ask for fewer merges (see exact_count)")
+        raise ValueError(
+            "merge_plan: no eligible pair of tokens is left to merge; ask for fewer merges (see exact_count)"
+        )
     return flat // t, flat % t

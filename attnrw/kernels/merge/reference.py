@@ -73,22 +73,29 @@ def _from_rows(rows: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return rows.view(batch, -1, heads, rows.shape[-1] // heads).transpose(1, 2)
 
 
+def mean_rows(
+    rows: torch.Tensor, plan: MergePlan, flat: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B·N, F) token rows -> (B·M, F): each merged token's mean of its members, in the accumulation dtype.
+
+    ``flat`` is ``plan.flat_index()``. With ``weights`` (B, N) (tokens that
+    already stand for several) the mean is weighted, and ``plan.sizes`` must
+    be the sums of the weights.
+    """
+    rows = rows.to(acc_dtype(rows.dtype))
+    if weights is not None:
+        rows = rows * weights.flatten()[:, None].to(rows.dtype)
+    sums = rows.new_zeros(plan.sizes.numel(), rows.shape[-1]).index_add_(0, flat, rows)
+    return sums.div_(plan.sizes.flatten()[:, None].to(sums.dtype))
+
+
 def merge_tokens(
     x: torch.Tensor, plan: MergePlan, flat: torch.Tensor | None = None, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(B, h, N, d) -> (B, h, M, d): the mean of each merged token's members (accumulated in fp32 for half).
-
-    With ``weights`` (B, N) (tokens that already stand for several) the mean
-    is weighted, and ``plan.sizes`` must be the sums of the weights.
-    """
+    """(B, h, N, d) -> (B, h, M, d): :func:`mean_rows` over each token's heads (fp32 accumulation for half)."""
     batch, heads = x.shape[:2]
     flat = plan.flat_index() if flat is None else flat
-    rows = _token_rows(x).to(acc_dtype(x.dtype))
-    if weights is not None:
-        rows = rows * weights.flatten()[:, None].to(rows.dtype)
-    sums = rows.new_zeros(batch * plan.num_tokens, rows.shape[-1]).index_add_(0, flat, rows)
-    sums /= plan.sizes.flatten()[:, None].to(sums.dtype)
-    return _from_rows(sums.to(x.dtype), batch, heads)
+    return _from_rows(mean_rows(_token_rows(x), plan, flat, weights).to(x.dtype), batch, heads)
 
 
 def unmerge_grad(g: torch.Tensor, plan: MergePlan, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -57,7 +57,7 @@ import torch
 from attnrw.kernels.attention.op import empty_sdpa_layout, sdpa_layout
 from attnrw.kernels.merge.op import resolve_attend
 from attnrw.kernels.merge.plan import MergePlan, as_4d, exact_count, merge_plan
-from attnrw.kernels.merge.reference import acc_dtype, additive_mask, key_logsumexp, merge_rows, zero_unseen
+from attnrw.kernels.merge.reference import acc_dtype, additive_mask, key_logsumexp, mean_rows, merge_rows, zero_unseen
 from attnrw.kernels.merge.reference import merge_tokens as _merge
 
 _STATE = "Tensor? index, Tensor? sizes"
@@ -69,7 +69,9 @@ def _check_state(
 ) -> int:
     """Raise ``ValueError`` for inputs ``tokens_attention`` does not define; returns N."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"tokens_attention expects 4-D q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"tokens_attention expects 4-D q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     batch, heads, t, d = q.shape
     if k.shape[0] != batch or k.shape[2] != t or k.shape[3] != d or v.shape[:3] != k.shape[:3]:
         raise ValueError(
@@ -264,18 +266,12 @@ def merge_tokens(
     batch, n = dst_index.shape
     t = n if src_index is None else src_sizes.shape[1]  # type: ignore[union-attr]
     _check_dims("merge_tokens", x, tok_dim, batch_dim, batch, t)
-    m = dst_sizes.shape[1]
     rows, shape = _rows(x, tok_dim, batch_dim, batch)
-    acc = rows.to(acc_dtype(x.dtype))
-    if src_index is None:
-        step = dst_index
-    else:
-        step = torch.zeros_like(src_sizes).scatter_(1, src_index, dst_index)
-        acc = acc * src_sizes[..., None].to(acc.dtype)
-    flat = (step + torch.arange(batch, device=x.device)[:, None] * m).flatten()
-    sums = acc.new_zeros(batch * m, acc.shape[-1]).index_add_(0, flat, acc.flatten(0, 1))
-    sums /= dst_sizes.flatten()[:, None].to(sums.dtype)
-    return _unrows(sums.view(batch, m, -1).to(x.dtype), shape, tok_dim, batch_dim)
+    # The slot in dst of each src token: its members' dst slot (a merge never splits a src token).
+    step = dst_index if src_index is None else torch.zeros_like(src_sizes).scatter_(1, src_index, dst_index)
+    plan = MergePlan(step, dst_sizes)
+    sums = mean_rows(rows.flatten(0, 1), plan, plan.flat_index(), src_sizes)
+    return _unrows(sums.view(batch, plan.num_tokens, -1).to(x.dtype), shape, tok_dim, batch_dim)
 
 
 @merge_tokens.register_fake
