@@ -34,10 +34,11 @@ def _chain(b: int, n: int, ratios: list[float], mask: torch.Tensor | None, prote
         t = sizes.shape[1]
 
 
-def test_nothing_merged_is_dense() -> None:
+@pytest.mark.parametrize("ratio, r", [(0.0, -1), (0.5, 0)])
+def test_nothing_merged_is_dense(ratio: float, r: int) -> None:
     q, k, v = _qkv(2, 2, 12)
     mask = _padding(2, 12, 3)
-    out, step, index, sizes = ops.tokens_attention(q, k, v, mask, 0.3, 0.0, -1, [0], None, None, "torch")
+    out, step, index, sizes = ops.tokens_attention(q, k, v, mask, 0.3, ratio, r, [0], None, None, "torch")
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
     assert torch.equal(out, ref)
     assert torch.equal(index, torch.arange(12).expand(2, 12)) and torch.equal(sizes, torch.ones(2, 12, dtype=torch.long))
