@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -x --durations=15 "$@"
+exec .venv/bin/python -m pytest -q --durations=15 "$@"

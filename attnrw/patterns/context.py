@@ -9,7 +9,7 @@ Nothing here changes the graph.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -99,25 +99,12 @@ class MatchContext:
         return self._values[node]
 
     def _plan(self, node: Node) -> list[Node] | None:
-        order: list[Node] = []
-        seen: set[Node] = set()
-        stack: list[tuple[Node, bool]] = [(node, False)]
-        while stack:
-            n, done = stack.pop()
-            if done:
-                order.append(n)
-                continue
-            if n in seen or n in self._values:
-                continue
-            seen.add(n)
-            if n in self._failed or n.op == "placeholder" or len(seen) > _MAX_EVAL_NODES:
+        def inputs(n: Node) -> list[Node] | None:
+            if n in self._failed or n.op not in ("call_function", "get_attr"):
                 return None
-            if n.op not in ("call_function", "get_attr"):
-                return None
-            stack.append((n, True))
-            for inp in n.all_input_nodes:
-                stack.append((inp, False))
-        return order
+            return n.all_input_nodes
+
+        return post_order(node, lambda n: n in self._values, inputs)
 
     def _run(self, n: Node) -> Any:
         if n.op == "get_attr":
@@ -126,21 +113,24 @@ class MatchContext:
                 obj = getattr(obj, part)
             return obj
 
-        def load(a: Any) -> Any:
-            return self._values[a] if isinstance(a, Node) else a
-
-        args = torch.fx.node.map_aggregate(n.args, load)
-        kwargs = torch.fx.node.map_aggregate(n.kwargs, load)
-        return n.target(*args, **kwargs)
+        return call_with(n, self._values)
 
     # -- dependence -------------------------------------------------------
-    def depends_on_user_input(self, nodes: list[Node]) -> bool:
+    def depends_on_user_data(self, nodes: list[Node]) -> bool:
+        """Whether the values (not only the sizes) of user inputs reach ``nodes``.
+
+        A size read off an input (``sym_size``, a dynamo size placeholder) is
+        not its data: a mask built from the sequence length alone is the same
+        for every input of that length.
+        """
         todo, seen = list(nodes), set()
         while todo:
             n = todo.pop()
             if n in seen:
                 continue
             seen.add(n)
+            if is_shape_value(n):
+                continue
             if n in self.user_inputs:
                 return True
             todo.extend(n.all_input_nodes)
@@ -168,23 +158,14 @@ class MatchContext:
 
     def is_static(self, node: Node) -> bool:
         """Whether a node depends only on parameters, buffers and constants."""
-        if node in self._static:
-            return self._static[node]
-        stack = [node]
-        order: list[Node] = []
-        while stack:
-            n = stack.pop()
-            if n in self._static or n in order:
-                continue
-            order.append(n)
-            stack.extend(i for i in n.all_input_nodes if i not in self._static)
-        for n in reversed(order):
+        order = post_order(node, lambda n: n in self._static, lambda n: n.all_input_nodes, limit=None)
+        for n in order or ():
             if n.op == "placeholder":
                 self._static[n] = n not in self.user_inputs
             elif n.op == "get_attr":
                 self._static[n] = True
             else:
-                self._static[n] = all(self._static.get(i, False) for i in n.all_input_nodes)
+                self._static[n] = all(self._static[i] for i in n.all_input_nodes)
         return self._static[node]
 
     def is_constant(self, node: Node) -> bool:
@@ -210,27 +191,10 @@ class MatchContext:
         and a key without one (cross-attention, spatially reduced keys) are
         not one aligned sequence.
         """
-        if node in self._roots:
-            return self._roots[node]
-        order: list[Node] = []
-        stack = [node]
-        seen: set[Node] = set()
-        while stack:
-            n = stack.pop()
-            if n in self._roots or n in seen:
-                continue
-            seen.add(n)
-            order.append(n)
-            stack.extend(self._token_inputs(n))
-        for n in reversed(order):
+        order = post_order(node, lambda n: n in self._roots, self._token_inputs, limit=None)
+        for n in order or ():
             ins = self._token_inputs(n)
-            if not ins:
-                self._roots[n] = frozenset((n,))
-            else:
-                acc: set[Node] = set()
-                for i in ins:
-                    acc |= self._roots.get(i, frozenset((i,)))
-                self._roots[n] = frozenset(acc)
+            self._roots[n] = frozenset().union(*(self._roots[i] for i in ins)) if ins else frozenset((n,))
         return self._roots[node]
 
     def _token_inputs(self, n: Node) -> list[Node]:
@@ -245,8 +209,74 @@ class MatchContext:
         return []
 
 
+def post_order(
+    root: Node,
+    known: Callable[[Node], bool],
+    inputs: Callable[[Node], list[Node] | None],
+    limit: int | None = _MAX_EVAL_NODES,
+) -> list[Node] | None:
+    """``root`` and the ancestors reached through ``inputs`` that are not ``known``, each after its inputs.
+
+    ``inputs(n)`` lists the nodes to go on into (``None`` gives up: the whole
+    answer is ``None``), as does passing ``limit`` nodes.
+    """
+    order: list[Node] = []
+    seen: set[Node] = set()
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        n, done = stack.pop()
+        if done:
+            order.append(n)
+            continue
+        if n in seen or known(n):
+            continue
+        seen.add(n)
+        ins = inputs(n)
+        if ins is None or (limit is not None and len(seen) > limit):
+            return None
+        stack.append((n, True))
+        stack.extend((i, False) for i in ins)
+    return order
+
+
+def call_with(n: Node, values: Mapping[Node, Any]) -> Any:
+    """Run a call node on the values of its inputs."""
+
+    def load(a: Any) -> Any:
+        return values[a] if isinstance(a, Node) else a
+
+    return n.target(*torch.fx.node.map_aggregate(n.args, load), **torch.fx.node.map_aggregate(n.kwargs, load))
+
+
 def ancestors_of(node: Node) -> set[Node]:
     return _ancestors([node])
+
+
+def ancestors_of_all(nodes: list[Node], limit: int = _MAX_EVAL_NODES) -> set[Node] | None:
+    """The ancestors of ``nodes`` (inclusive), or None when there are more than ``limit``."""
+    seen: set[Node] = set()
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return None
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def is_shape_value(n: Node) -> bool:
+    """A node whose value is a size of the inputs: an int, or a SymInt over backed size symbols only.
+
+    (A SymInt read from data, ``item()`` of a tensor, is an unbacked symbol and not a size.)
+    """
+    v = n.meta.get("val", n.meta.get("example_value"))
+    if isinstance(v, torch.SymInt):
+        known = backed_values(v)
+        return all(s in known for s in v.node.expr.free_symbols)
+    return isinstance(v, int) and not isinstance(v, bool) and n.op != "placeholder"
 
 
 def _is_tensor_like(node: Node) -> bool:
@@ -255,3 +285,121 @@ def _is_tensor_like(node: Node) -> bool:
     if isinstance(v, (list, tuple)):
         return any(isinstance(x, torch.Tensor) for x in v)
     return tensor_val(node) is not None
+
+
+def backed_values(v: Any) -> Mapping:
+    """The example values of the backed size symbols of a SymInt's shape environment."""
+    env = v.node.shape_env
+    known = getattr(env, "backed_var_to_val", None)
+    return known if known is not None else env.var_to_val
+
+
+class Unknown(Exception):
+    """A value that cannot be computed from what the context knows."""
+
+
+def free_symbols(x: Any) -> frozenset:
+    """The size symbols in a node's example value (a SymInt, or a tensor's shape)."""
+    v = x.meta.get("val", x.meta.get("example_value")) if isinstance(x, Node) else x
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return frozenset(v.node.expr.free_symbols)
+    if isinstance(v, torch.Tensor):
+        out: set = set()
+        for d in v.shape:
+            if isinstance(d, torch.SymInt):
+                out |= d.node.expr.free_symbols
+        return frozenset(out)
+    if isinstance(v, (list, tuple)):
+        acc: set = set()
+        for e in v:
+            acc |= free_symbols(e)
+        return frozenset(acc)
+    return frozenset()
+
+
+class Resized:
+    """Values of a graph's nodes as they would be if it ran with other sizes.
+
+    ``subs`` maps size symbols to new values. A node whose example value is a
+    symbolic size is that size's expression under ``subs``; a tensor node
+    that depends on a substituted symbol is recomputed from its inputs; one
+    that does not is its value at the example sizes. A user input whose
+    shape changes cannot be made up, so anything built from one is
+    :class:`Unknown`. This is how a mask built from positions is checked at
+    lengths other than the traced one.
+    """
+
+    def __init__(self, ctx: MatchContext, subs: Mapping[Any, int]) -> None:
+        self.ctx = ctx
+        self.subs = dict(subs)
+        self._values: dict[Node, Any] = {}
+        self._moves: dict[Node, bool] = {}
+
+    def _sym(self, v: Any) -> Any:
+        expr = v.node.expr
+        env = dict(self.subs)
+        var_to_val = backed_values(v)
+        for s in expr.free_symbols - set(env):
+            if s not in var_to_val:
+                raise Unknown(f"no value for {s}")
+            env[s] = var_to_val[s]
+        out = expr.xreplace(env)
+        if isinstance(v, torch.SymBool):
+            return bool(out)
+        return int(out) if isinstance(v, torch.SymInt) else float(out)
+
+    def size(self, d: Any) -> int:
+        """A dimension (an int or a SymInt) under the substitution."""
+        if isinstance(d, torch.SymInt):
+            return self._sym(d)
+        return int(d)
+
+    def moves(self, node: Node) -> bool:
+        """Whether the node's value changes with the substituted sizes."""
+        keys = set(self.subs)
+        for n in post_order(node, lambda n: n in self._moves, lambda n: n.all_input_nodes, limit=None) or ():
+            self._moves[n] = bool(free_symbols(n) & keys) or any(self._moves[i] for i in n.all_input_nodes)
+        return self._moves[node]
+
+    def value(self, node: Node) -> Any:
+        if node in self._values:
+            return self._values[node]
+        if not self.moves(node):
+            v = self.ctx.value(node)
+            if v is None:
+                raise Unknown(node.name)
+            return v
+        order = post_order(
+            node,
+            lambda n: n in self._values,
+            lambda n: n.all_input_nodes if self._direct(n) is None and self.moves(n) else [],
+        )
+        if order is None:
+            raise Unknown("subgraph too large")
+        for n in order:
+            if n not in self._values:
+                self._values[n] = self._compute(n)
+        return self._values[node]
+
+    def _direct(self, n: Node) -> Any:
+        """A size value read off the example value, or None when it must be computed."""
+        v = n.meta.get("val", n.meta.get("example_value"))
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) and v.node.expr.free_symbols & set(self.subs):
+            return v
+        return None
+
+    def _compute(self, n: Node) -> Any:
+        v = self._direct(n)
+        if v is not None:
+            return self._sym(v)
+        if not self.moves(n):
+            out = self.ctx.value(n)
+            if out is None:
+                raise Unknown(n.name)
+            return out
+        if n.op != "call_function":
+            raise Unknown(f"{n.name} changes with the sizes and is an input")
+        try:
+            return call_with(n, self._values)
+        except Exception as e:  # the op does not run at these sizes (e.g. a buffer too short)
+            raise Unknown(f"{n.name}: {type(e).__name__}") from None

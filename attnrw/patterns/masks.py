@@ -16,8 +16,10 @@ from typing import Any
 import torch
 
 from attnrw.patterns import expr as E
-from attnrw.patterns.context import MatchContext
-from attnrw.patterns.graph import hint, same, same_shape, shape
+from attnrw.patterns.context import MatchContext, Resized, Unknown, ancestors_of_all, free_symbols
+from torch.fx import Node
+
+from attnrw.patterns.graph import aten, hint, same, same_shape, shape
 from attnrw.patterns.match import NoMatch
 
 #: Scores at or below this are treated as masked out when classifying a mask.
@@ -122,8 +124,181 @@ def to_bh(m: Any, ms: tuple, xb: tuple) -> Any:
     return E.reshape(m, [-1, *_dims(m, (heads, *tail), r - 1)])
 
 
-class _Unknown(Exception):
-    pass
+@dataclass(frozen=True)
+class _Pattern:
+    """What a mask evaluated at one size does."""
+
+    causal: bool  # no key after the query's own position (bottom-right aligned) is allowed
+    extra: bool  # it masks more than that (or, when not causal, masks anything)
+    bias: bool  # an allowed score is shifted
+
+
+def _pattern(m: Any, sq: int, sk: int) -> _Pattern | None:
+    if not isinstance(m, torch.Tensor) or m.dim() < 2 or sq * sk * m[..., 0, 0].numel() > MAX_EVAL_ELEMENTS:
+        return None
+    if tuple(m.shape[-2:]) not in ((sq, sk), (1, sk), (sq, 1), (1, 1)):
+        return None
+    allowed = m if m.dtype == torch.bool else m > MASKED_BELOW
+    allowed = allowed.expand(*allowed.shape[:-2], sq, sk)
+    tri = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
+    causal = not bool((allowed & ~tri).any())
+    extra = bool((~allowed & tri).any()) if causal else bool((~allowed).any())
+    bias = bool(m.dtype != torch.bool and (m.masked_select(m > MASKED_BELOW) != 0).any())
+    return _Pattern(causal, extra, bias)
+
+
+#: Longest length a mask is evaluated at to prove what it does at every length.
+MAX_PROBE_LENGTH = 2048
+
+
+def _probe_sizes(mask: Any, ctx: MatchContext, rows: Any, cols: Any) -> list[dict]:
+    """Size substitutions at which a mask over symbolic lengths is evaluated.
+
+    A mask built from positions compares them against constants (a window, a
+    chunk size, a buffer's length); at a length beyond every such constant
+    a band or a block shows. The lengths are clamped to the range the graph
+    admits for each symbol.
+    """
+    syms = free_symbols(rows) | free_symbols(cols)
+    if not syms:
+        return []
+    top = max(hint(rows), hint(cols))
+    nodes = ancestors_of_all(E.nodes_in(mask))
+    if nodes is None:
+        return []
+    for n in nodes:
+        for c in _ints(n.args) + _ints(list(n.kwargs.values())):
+            if abs(c) < MAX_PROBE_LENGTH:
+                top = max(top, abs(c))
+        t = ctx.value(n) if not free_symbols(n) and n.op != "call_function" else None
+        if isinstance(t, torch.Tensor):
+            top = max([top, *(d for d in t.shape if d < MAX_PROBE_LENGTH)])
+    lengths = sorted({min(top + hint(rows) + 1, MAX_PROBE_LENGTH), min(2 * top + 3, MAX_PROBE_LENGTH)})
+    probes = []
+    for length in lengths:
+        subs = {}
+        for s in syms:
+            rng = _range_of(rows, cols, s)
+            value = length
+            if rng is not None:
+                lo, hi = rng
+                value = max(lo, min(hi, value))
+            subs[s] = value
+        probes.append(subs)
+    return probes
+
+
+def _ints(x: Any) -> list[int]:
+    out: list[int] = []
+    torch.fx.node.map_aggregate(x, lambda a: out.append(a) if isinstance(a, int) and not isinstance(a, bool) else None)
+    return out
+
+
+def _range_of(rows: Any, cols: Any, sym: Any) -> tuple[int, int] | None:
+    for d in (rows, cols):
+        if isinstance(d, torch.SymInt):
+            rng = getattr(d.node.shape_env, "var_to_range", {}).get(sym)
+            if rng is not None:
+                return _finite(rng.lower, 0), _finite(rng.upper, MAX_PROBE_LENGTH)
+    return None
+
+
+def _finite(bound: Any, default: int) -> int:
+    if getattr(bound, "is_finite", True) is False or getattr(bound, "is_infinite", False):
+        return default
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):  # an infinite bound
+        return default
+
+
+def _evaluate_resized(mask: Any, ctx: MatchContext, subs: dict, rows: Any, cols: Any) -> _Pattern | None:
+    """The mask's pattern at the sizes ``subs``, or None when it cannot be computed there."""
+    r = Resized(ctx, subs)
+    try:
+        sq, sk = r.size(rows), r.size(cols)
+        return _pattern(E.evaluate(mask, r.value), sq, sk)
+    except Unknown:
+        return None
+    except Exception:  # user code that does not run at these sizes
+        return None
+
+
+def _is_value(x: Any, ctx: MatchContext, test: Any) -> bool:
+    """Whether ``x`` (a number, a node or an expression without inputs) is a scalar for which ``test`` holds."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return bool(test(float(x)))
+    try:
+        v = E.evaluate(x, lambda n: _known(ctx, n))
+    except Unknown:
+        return False
+    return isinstance(v, torch.Tensor) and v.numel() == 1 and bool(test(float(v)))
+
+
+def _known(ctx: MatchContext, n: Any) -> Any:
+    v = ctx.value(n)
+    if v is None:
+        raise Unknown(n.name)
+    return v
+
+
+_AND = {aten.bitwise_and.Tensor, aten.logical_and.default}
+_SAME_PATTERN = {aten.expand.default, aten.unsqueeze.default, aten.clone.default, aten.alias.default,
+                 aten._to_copy.default, aten.contiguous.default}
+
+
+def conjuncts(mask: Any, ctx: MatchContext) -> list[Any]:
+    """Parts of a mask that every allowed score must also pass.
+
+    ``where(c, 0, fill)`` with a masking fill allows only where ``c`` does;
+    ``c1 & c2`` only where both do; a broadcast or an unsqueeze keeps the
+    trailing (query, key) pattern. A causal conjunct makes the whole mask
+    causal, whatever the others (a padding mask, say) hold.
+    """
+    out = [mask]
+    op, args = (mask.op, mask.args) if isinstance(mask, E.Expr) else (
+        (mask.target, mask.args) if isinstance(mask, Node) and mask.op == "call_function" else (None, ()))
+    if op is aten.where.self:
+        cond, a, b = args[:3]
+        if _is_value(a, ctx, lambda x: x == 0) and _is_value(b, ctx, lambda x: x <= MASKED_BELOW):
+            out += conjuncts(cond, ctx)
+        elif _is_value(b, ctx, lambda x: x == 0) and _is_value(a, ctx, lambda x: x <= MASKED_BELOW):
+            # masked where ``cond`` holds: allowed where its negation does
+            inner = _negated(cond)
+            if inner is not None:
+                out += conjuncts(inner, ctx)
+    elif op in _AND:
+        for a in args[:2]:
+            out += conjuncts(a, ctx)
+    elif op in _SAME_PATTERN and _same_tail(args[0], mask):
+        out += conjuncts(args[0], ctx)
+    return out
+
+
+_NOT = {aten.bitwise_not.default, aten.logical_not.default}
+
+
+def _negated(x: Any) -> Any:
+    """``y`` when ``x`` is ``~y`` (a node or an expression), else None."""
+    if isinstance(x, Node) and x.op == "call_function" and x.target in _NOT:
+        return x.args[0]
+    if isinstance(x, E.Expr) and x.op in _NOT:
+        return x.args[0]
+    return None
+
+
+def _same_tail(a: Any, b: Any) -> bool:
+    sa, sb = _shape_of(a), _shape_of(b)
+    return sa is not None and sb is not None and len(sa) >= 2 and len(sb) >= 2 and same_shape(sa[-2:], sb[-2:])
+
+
+def _shape_of(x: Any) -> tuple | None:
+    if isinstance(x, Node):
+        return shape(x)
+    try:
+        return term_shape(x)
+    except NoMatch:
+        return None
 
 
 def classify_mask(
@@ -134,45 +309,59 @@ def classify_mask(
     is_causal: bool,
     batch_rank: int,
 ) -> MaskInfo:
-    """Evaluate the canonical mask on the example inputs and say what it does."""
+    """Evaluate the canonical mask and say what it does.
+
+    With static shapes the graph only ever runs at the example sizes, so the
+    mask evaluated on the example inputs is what it does. With symbolic
+    lengths that evaluation proves nothing about other lengths (a sliding
+    window equals the causal pattern while the length is within it): the
+    mask is also evaluated at longer lengths (:func:`_probe_sizes`), and is
+    replaced by ``is_causal`` only when it is exactly causal at each. A mask
+    that reads user data cannot be evaluated at another length; it is causal
+    when one of its conjuncts that does not read user data is causal at
+    every probe, and it is always kept.
+    """
     if mask is None:
         return MaskInfo(None, is_causal, "causal" if is_causal else "none", is_causal)
-
-    def env(n: Any) -> Any:
-        v = ctx.value(n)
-        if v is None:
-            raise _Unknown
-        return v
-
     sq, sk = hint(rows), hint(cols)
     try:
-        m = E.evaluate(mask, env)
-    except _Unknown:
+        m = E.evaluate(mask, lambda n: _known(ctx, n))
+    except Exception:  # unknown inputs, or user code that fails on them: the mask is opaque
         m = None
-    except Exception:  # evaluation of user code failed: treat the mask as opaque
-        m = None
-    if not isinstance(m, torch.Tensor) or m.dim() != 4 or sq * sk * m.shape[0] * m.shape[1] > MAX_EVAL_ELEMENTS:
+    here = _pattern(m, sq, sk)
+    if here is None:
         kind = "bool" if (isinstance(m, torch.Tensor) and m.dtype == torch.bool) else "additive"
         return MaskInfo(mask, is_causal, ("causal+" + kind) if is_causal else kind, False)
 
-    allowed = m if m.dtype == torch.bool else m > MASKED_BELOW
-    allowed = allowed.expand(*allowed.shape[:-2], sq, sk)
-    tri = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
-    causal = is_causal or not bool((allowed & ~tri).any())
+    user = ctx.depends_on_user_data(E.nodes_in(mask))
+    causal, extra, bias = here.causal, here.extra, here.bias
+    probes = _probe_sizes(mask, ctx, rows, cols)
+    proven = True  # what the example shows holds at every length the graph admits
+    if probes:
+        whole = [_evaluate_resized(mask, ctx, p, rows, cols) for p in probes]
+        if all(w is not None for w in whole):
+            causal = causal and all(w.causal for w in whole)  # type: ignore[union-attr]
+            extra = extra or any(w.extra for w in whole)  # type: ignore[union-attr]
+            bias = bias or any(w.bias for w in whole)  # type: ignore[union-attr]
+        else:
+            proven = False
+            if causal and not is_causal:
+                causal = any(
+                    all((pc := _evaluate_resized(c, ctx, p, rows, cols)) is not None and pc.causal for p in probes)
+                    for c in conjuncts(mask, ctx)[1:]
+                )
+    causal = causal or is_causal
     if sq == 1 and not is_causal:
         causal = False  # one query sees everything before it: nothing to tell
-    has_bias = bool(m.dtype != torch.bool and (m.masked_select(m > MASKED_BELOW) != 0).any())
-    user = ctx.depends_on_user_input(E.nodes_in(mask))
-    extra = bool((~allowed & tri).any()) if causal else bool((~allowed).any())
     parts = ["causal"] if causal else []
     if user:
         parts.append("padding")
-    elif extra:
+    elif extra or not proven:
         parts.append("mask")
-    if has_bias:
+    if bias:
         parts.append("bias")
     kind = "+".join(parts) or "none"
-    if causal and not user and not has_bias and not extra and sq == sk:
+    if causal and proven and not user and not bias and not extra and same(rows, cols):
         # Only for square scores: is_causal aligns top-left, a mask built for
         # a cache aligns bottom-right; they agree when q_len == kv_len.
         return MaskInfo(None, True, "causal", True)
