@@ -9,6 +9,7 @@ Nothing here changes the graph.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from attnrw.patterns.graph import ancestors as _ancestors
-from attnrw.patterns.graph import aten, is_cast, is_order_preserving, tensor_val
+from attnrw.patterns.graph import aten, hint, is_cast, is_order_preserving, same, shape, tensor_val, view_groups
 
 log = logging.getLogger("attnrw.patterns")
 
@@ -403,3 +404,105 @@ class Resized:
             return call_with(n, self._values)
         except Exception as e:  # the op does not run at these sizes (e.g. a buffer too short)
             raise Unknown(f"{n.name}: {type(e).__name__}") from None
+
+
+_AXIS_SAME = {
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default, aten._to_copy.default,
+    aten.slice.Tensor, aten.expand.default, aten.lift_fresh_copy.default,
+}
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_LINEAR = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default}
+_MAX_AXIS_STEPS = 64
+
+
+def feature_axis(node: Any, axis: int, ctx: MatchContext) -> bool | None:
+    """Whether axis ``axis`` of ``node`` is made of a projection's features (channels) rather than tokens.
+
+    Followed back through layout ops (views that split or fold axes,
+    permutes, selections, casts, pointwise ops) to the projection that
+    made it: a linear layer's last axis and a convolution's channel axis are
+    features, its other axes are not. ``None`` when the trail is lost. Channel
+    attention (DaViT's channel blocks) attends over features: its scores
+    are C×C, and a window over them would be a window over channels.
+    """
+    for _ in range(_MAX_AXIS_STEPS):
+        if not isinstance(node, Node) or node.op != "call_function":
+            return None
+        t = node.target
+        out = shape(node)
+        if out is None:
+            return None
+        rank = len(out)
+        axis %= rank
+        if t in _LINEAR or t is aten.bmm.default:
+            # A projection: activations times a weight (for addmm the bias comes first).
+            x, w = (node.args[1], node.args[2]) if t is aten.addmm.default else (node.args[0], node.args[1])
+            if t is not aten.linear.default and (not isinstance(w, Node) or not ctx.is_static(w)):
+                return None  # a product of two activations: not a projection
+            return axis == rank - 1
+        if t is aten.convolution.default:
+            return axis == 1
+        if t is operator.getitem:
+            src = node.args[0]
+            if isinstance(src, Node) and src.target in (aten.split.Tensor, aten.split_with_sizes.default,
+                                                        aten.chunk.default):
+                node = src.args[0]
+                continue
+            if isinstance(src, Node) and src.target is aten.unbind.int:
+                d = (src.args[1] if len(src.args) > 1 else 0) % (rank + 1)
+                node, axis = src.args[0], axis + (axis >= d)
+                continue
+            return None
+        src = node.args[0] if node.args else None
+        if t is aten.permute.default:
+            node, axis = src, list(node.args[1])[axis] % rank
+        elif t is aten.transpose.int:
+            a, b = node.args[1] % rank, node.args[2] % rank
+            node, axis = src, (b if axis == a else a if axis == b else axis)
+        elif t is aten.t.default:
+            node, axis = src, rank - 1 - axis
+        elif t is aten.unsqueeze.default:
+            d = node.args[1] % rank
+            if axis == d:
+                return None
+            node, axis = src, axis - (axis > d)
+        elif t is aten.select.int:
+            d = node.args[1] % (rank + 1)
+            node, axis = src, axis + (axis >= d)
+        elif t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
+            in_shape = shape(src) or ()
+            dims = range(len(in_shape)) if len(node.args) < 2 else node.args[1]
+            dims = {d % len(in_shape) for d in ([dims] if isinstance(dims, int) else dims)}
+            kept = [i for i, n in enumerate(in_shape) if not (i in dims and same(n, 1))]
+            if len(kept) != rank:
+                return None
+            node, axis = src, kept[axis]
+        elif t in _VIEWS:
+            src_shape = shape(src)
+            if src_shape is None:
+                return None
+            a, b = [hint(d) for d in src_shape], [hint(d) for d in out]
+            groups = view_groups(a, b)
+            if groups is None:
+                return None
+            group = next((ga for ga, gb in groups if axis in gb), None)
+            if group is None:
+                return None
+            answers = [feature_axis(src, g, ctx) for g in group]
+            if any(x is True for x in answers):
+                return True
+            return False if all(x is False for x in answers) else None
+        elif t in _AXIS_SAME or (hasattr(t, "tags") and torch.Tag.pointwise in t.tags) or t is aten.cat.default:
+            if t is aten.cat.default:
+                dim = (node.args[1] if len(node.args) > 1 else 0) % rank
+                if dim == axis:
+                    return None
+                src = node.args[0][0]
+            ins = [i for i in ([src] if t is aten.cat.default else node.all_input_nodes)
+                   if len(shape(i) or ()) == rank and same(shape(i)[axis], out[axis]) and not ctx.is_static(i)]
+            if not ins:
+                return None
+            node = ins[0]
+        else:
+            return None
+    return None

@@ -56,6 +56,7 @@ from attnrw.patterns.masks import canonical_mask, classify_mask
 from attnrw.patterns.match import (
     Match,
     aligned,
+    attended_axis,
     NoMatch,
     canonical_bh,
     from_canonical_bh,
@@ -406,6 +407,7 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
         out = E.cast(out, out_dtype)
 
     qv = tensor_val(a_node)
+    axis = attended_axis(q, k, rows, cols, ctx)
     site = AttentionSite(
         module_path=module_path(sm),
         source="eager",
@@ -421,7 +423,8 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
         dropout_p=0.0,
         dtype=dtype_name(qv.dtype),
         batch=hint(numel(xb[:-1])) if len(xb) >= 1 else 1,
-        self_attention=aligned(q, k, rows, cols, ctx),
+        self_attention=aligned(q, k, rows, cols, ctx, mask_info.causal, axis),
+        attended_axis=axis,
         node=sm.name,
     )
     return Match(

@@ -184,14 +184,38 @@ def module_path(node: Node) -> str:
     return path
 
 
-_DYNAMO_ROOT = re.compile(r"^(?:L\[['\"]\w+['\"]\]|L__\w+__|self)\.?")
+#: Where dynamo says the traced frame found the model: a local (``L['self']``,
+#: ``L['model']``, ``L['fn'].__self__``), one positional or keyword argument of a
+#: wrapper (``L['args'][0]``, ``L['kwargs']['model']``; transformers wraps
+#: ``forward`` as ``wrapped_func(*args, **kwargs)``), a global, or the mangled
+#: name of any of these. What follows it is the path inside the model.
+_DYNAMO_ROOT = re.compile(
+    r"""^(?:
+        (?:L|G)\[(?:'args'|"args")\]\[\d+\]
+      | (?:L|G)\[(?:'kwargs'|"kwargs")\]\[(?:'[^']*'|"[^"]*")\]
+      | (?:L|G)\[(?:'[^']*'|"[^"]*")\]
+      | L__\w+?__
+      | self
+    )(?:\.__self__|\.__func__)*\.?""",
+    re.VERBOSE,
+)
 
 
 def normalize_module_path(raw: str) -> str:
-    """Turn dynamo's ``L['self'].encoder.layer[3]._modules['attn']`` style into ``encoder.layer.3.attn``."""
-    s = _DYNAMO_ROOT.sub("", raw)
+    """The path of a module inside the model, from dynamo's source or export's path.
+
+    Dynamo's ``L['self'].encoder.layer[3]._modules['attn']`` and
+    ``L['args'][0].encoder.layer.3.attn`` and export's ``encoder.layer.3.attn``
+    all give ``encoder.layer.3.attn``: a site has one name whatever way in.
+    """
+    s = raw
+    while True:  # getattr(getattr(X, 'a'), 'b') -> X.a.b, innermost first
+        t = re.sub(r"getattr\(([^()]*),\s*['\"](\w+)['\"]\)", r"\1.\2", s)
+        if t == s:
+            break
+        s = t
+    s = _DYNAMO_ROOT.sub("", s)
     s = s.replace("._modules", "")
-    s = re.sub(r"getattr\((.*?),\s*['\"](\w+)['\"]\)", r"\1.\2", s)
     s = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", s)
     s = re.sub(r"\[(\d+)\]", r".\1", s)
     s = re.sub(r"\.+", ".", s).strip(".")
@@ -228,3 +252,29 @@ def ancestors(nodes: Iterable[Any], stop: set[Node] | None = None) -> set[Node]:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def view_groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of the non-1 axes of the two shapes of a view whose products match.
+
+    ``[([0], [0]), ([1, 2], [1])]``: axis 0 stays, axes 1 and 2 fold into one;
+    None when the shapes do not line up that way.
+    """
+    xa = [(i, s) for i, s in enumerate(a) if s != 1]
+    xb = [(j, s) for j, s in enumerate(b) if s != 1]
+    out: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(xa) and j < len(xb):
+        ga, pa, gb, pb = [xa[i][0]], xa[i][1], [xb[j][0]], xb[j][1]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb and i < len(xa):
+                ga.append(xa[i][0])
+                pa, i = pa * xa[i][1], i + 1
+            elif pb < pa and j < len(xb):
+                gb.append(xb[j][0])
+                pb, j = pb * xb[j][1], j + 1
+            else:
+                return None
+        out.append((ga, gb))
+    return out if i == len(xa) and j == len(xb) else None

@@ -25,7 +25,7 @@ from attnrw.patterns.graph import (
     tensor_val,
     walk_order_preserving,
 )
-from attnrw.patterns.context import MatchContext
+from attnrw.patterns.context import MatchContext, feature_axis
 from attnrw.patterns.site import AttentionSite
 
 
@@ -140,10 +140,38 @@ def dtype_of(node: Any) -> torch.dtype | None:
     return t.dtype if t is not None else None
 
 
-def aligned(q: Any, k: Any, rows: Any, cols: Any, ctx: MatchContext) -> bool:
-    """Queries and keys are one sequence: same length and built from the same tokens."""
-    if not same(rows, cols):
+def attended_axis(q: Any, k: Any, rows: Any, cols: Any, ctx: MatchContext) -> str:
+    """What the scores' query and key axes are made of: ``"tokens"``, ``"features"`` or ``"unknown"``.
+
+    ``"features"`` when either axis is provably a projection's output
+    channels (channel attention); ``"tokens"`` when both are provably not.
+    """
+    answers = []
+    for x, n in ((q, rows), (k, cols)):
+        nodes = E.nodes_in(x)
+        s = shape(nodes[0]) if nodes else None
+        if s is None or len(s) < 2 or not same(s[-2], n):
+            answers.append(None)
+            continue
+        answers.append(feature_axis(nodes[0], len(s) - 2, ctx))
+    if any(a is True for a in answers):
+        return "features"
+    return "tokens" if all(a is False for a in answers) else "unknown"
+
+
+def aligned(q: Any, k: Any, rows: Any, cols: Any, ctx: MatchContext, causal: bool, axis: str) -> bool:
+    """Queries and keys are one sequence, position for position, along the token axis.
+
+    A causal site with square scores is aligned by its own definition: query
+    i may see keys up to i, so query i and key i are one position (whatever
+    tensors they came from). A bidirectional site needs the proof that q and
+    k are built from the same tokens. Neither holds when the attended axis
+    is made of features.
+    """
+    if axis == "features" or not same(rows, cols):
         return False
+    if causal:
+        return True
     qn, kn = E.nodes_in(q), E.nodes_in(k)
     if not qn or not kn:
         return False

@@ -22,7 +22,7 @@ from attnrw.patterns import expr as E
 from attnrw.patterns.context import MatchContext
 from attnrw.patterns.graph import aten, dtype_name, hint, module_path, real_users, shape, tensor_val
 from attnrw.patterns.masks import classify_mask, to_bh
-from attnrw.patterns.match import Match, NoMatch, aligned, canonical_bh, from_canonical_bh, peel_repeat_kv
+from attnrw.patterns.match import Match, NoMatch, aligned, attended_axis, canonical_bh, from_canonical_bh, peel_repeat_kv
 from attnrw.patterns.site import AttentionSite
 
 #: Every aten form of SDPA, and whether it returns a tuple (output first).
@@ -101,6 +101,7 @@ def match_sdpa(node: Node, ctx: MatchContext) -> Match:
     info = classify_mask(cmask, ctx, rows, cols, is_causal=is_causal, batch_rank=len(xb))
 
     qv = tensor_val(q)
+    axis = attended_axis(q, k, rows, cols, ctx)
     site = AttentionSite(
         module_path=module_path(node),
         source="sdpa",
@@ -116,7 +117,8 @@ def match_sdpa(node: Node, ctx: MatchContext) -> Match:
         dropout_p=dropout_p,
         dtype=dtype_name(qv.dtype),
         batch=hint(xb[0]) if len(xb) >= 2 else 1,
-        self_attention=aligned(q, k, rows, cols, ctx),
+        self_attention=aligned(q, k, rows, cols, ctx, info.causal, axis),
+        attended_axis=axis,
         node=node.name,
     )
     return Match(

@@ -22,8 +22,12 @@ class AttentionSite:
     printed as their hint). ``mask`` is one of ``none``, ``causal``,
     ``causal+padding``, ``causal+bias``, ``padding``, ``bias``, ``bool``,
     ``additive``. ``self_attention`` is True when queries and keys are one
-    aligned sequence (same length and, for hand-written sites, the same
-    source tensor).
+    aligned sequence, position for position: square scores that are causal
+    (query i sees keys up to i), or q and k built from the same tokens.
+    ``attended_axis`` says what the query and key axes of the scores are
+    made of: ``"tokens"``, ``"features"`` (channel attention: the scores
+    are channels × channels; never aligned) or ``"unknown"`` (the trail
+    back to a projection was lost).
     """
 
     module_path: str
@@ -42,6 +46,7 @@ class AttentionSite:
     batch: int
     self_attention: bool
     node: str
+    attended_axis: str = "tokens"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -15,7 +14,6 @@ from attnrw.rewriter.plan import Plan
 from attnrw.rewriter.report import Report
 from attnrw.rewriter.trace import export_context, export_program, sync_output_signature
 
-log = logging.getLogger("attnrw.rewriter")
 
 
 def _check_model(model: Any, args: Any, kwargs: Any) -> None:
@@ -74,7 +72,6 @@ def rewrite(
     sync_output_signature(ep)
     if report is not None:
         report.append(rep)
-    log.info("%s", rep.summary())
     return ep
 
 

@@ -43,7 +43,9 @@ def lower(m: Match, policy: Policy, index: int = 0) -> Lowering:
     site = m.site
     if isinstance(policy, (Sparse, Condense)) and not site.self_attention:
         why = "queries and keys are not one aligned sequence"
-        if site.q_len != site.kv_len:
+        if site.attended_axis == "features":
+            why = "the scores attend over features (channel attention), not tokens"
+        elif site.q_len != site.kv_len:
             why = f"query length {site.q_len} differs from key length {site.kv_len}"
         return _dense(m, f"{policy.name} not applicable ({why}); kept dense", policy.name)
     if isinstance(policy, Sparse):

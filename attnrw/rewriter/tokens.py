@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from attnrw.patterns.graph import view_groups
 from attnrw.rewriter.emit import Emitter
 from attnrw.rewriter.report import Decision
 
@@ -450,28 +451,6 @@ def _same_but_tokens(old: Any, new: Any, tok: int, batch: int) -> bool:
     return all(o == n for i, (o, n) in enumerate(zip(old.shape, new.shape)) if i != tok)
 
 
-def _groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]] | None:
-    """Pair runs of the non-1 axes of the two shapes of a view whose products match."""
-    xa = [(i, s) for i, s in enumerate(a) if s != 1]
-    xb = [(j, s) for j, s in enumerate(b) if s != 1]
-    out: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    while i < len(xa) and j < len(xb):
-        ga, pa, gb, pb = [xa[i][0]], xa[i][1], [xb[j][0]], xb[j][1]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb and i < len(xa):
-                ga.append(xa[i][0])
-                pa, i = pa * xa[i][1], i + 1
-            elif pb < pa and j < len(xb):
-                gb.append(xb[j][0])
-                pb, j = pb * xb[j][1], j + 1
-            else:
-                return None
-        out.append((ga, gb))
-    return out if i == len(xa) and j == len(xb) else None
-
-
 def _map_view(old_in: list[int], tok: int, batch: int, old_out: list[int], n: int, b: int) -> tuple[int, int] | None:
     """Where the token and batch axes go in a view from ``old_in`` to ``old_out`` (None: not trackable).
 
@@ -482,7 +461,7 @@ def _map_view(old_in: list[int], tok: int, batch: int, old_out: list[int], n: in
     if -1 in old_out:
         known = math.prod(s for s in old_out if s != -1)
         old_out = [math.prod(old_in) // known if s == -1 else s for s in old_out]
-    groups = _groups(old_in, old_out)
+    groups = view_groups(old_in, old_out)
     if groups is None:
         return None
     if b == 1:

@@ -43,9 +43,14 @@ def trace_to_aten(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule
     def run(*args: Any) -> Any:
         return Interpreter(gm).run(*args)
 
+    # Functionalised: in-place ops (``scores /= d``, ``index_copy_`` into a
+    # cache) become their out-of-place forms, which carry the same meaning
+    # through the value the matchers follow; a mutated input is written back
+    # by a ``copy_`` at the end, as AOTAutograd does.
+    functional = torch.func.functionalize(run, remove="mutations")
     with fake_mode, enable_python_dispatcher(), fx_traceback.preserve_node_meta(), torch.no_grad():
         agm = make_fx(
-            run,
+            functional,
             decomposition_table=dict(FUSED_DECOMPOSITIONS),
             tracing_mode="real",
             record_module_stack=True,
