@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from attnrw.rewriter.calibrate import Calibrator, Progress
 from attnrw.rewriter.plan import Plan
 from attnrw.rewriter.report import Report
 from attnrw.rewriter.trace import export_context, export_program, sync_output_signature
+
+log = logging.getLogger("attnrw.rewriter")
 
 
 
@@ -72,6 +75,7 @@ def rewrite(
     sync_output_signature(ep)
     if report is not None:
         report.append(rep)
+    log.info("%s", rep.summary())
     return ep
 
 

@@ -80,6 +80,7 @@ class AttnrwBackend:
             self.plans.append(policy)
             log.info("attnrw: calibrated plan for graph %d\n%s", self._graphs, policy)
         report = run_passes(agm, policy, ctx, name=f"graph {self._graphs}")
+        log.info("attnrw: %s", report.summary())
         if self.on_report is not None:
             self.on_report(report)
         if self.settings.inner == "eager":

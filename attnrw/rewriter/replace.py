@@ -112,5 +112,5 @@ def run_passes(
         if d.op is None:
             report.skipped.append(Skipped(d.module_path, d.node, d.note))
     cleanup(gm)
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())  # the entry point logs it once at INFO
     return report
