@@ -43,23 +43,79 @@ def trace_to_aten(gm: GraphModule, example_inputs: Sequence[Any]) -> GraphModule
     def run(*args: Any) -> Any:
         return Interpreter(gm).run(*args)
 
-    # Functionalised: in-place ops (``scores /= d``, ``index_copy_`` into a
-    # cache) become their out-of-place forms, which carry the same meaning
-    # through the value the matchers follow; a mutated input is written back
-    # by a ``copy_`` at the end, as AOTAutograd does.
-    functional = torch.func.functionalize(run, remove="mutations")
     with fake_mode, enable_python_dispatcher(), fx_traceback.preserve_node_meta(), torch.no_grad():
         agm = make_fx(
-            functional,
+            run,
             decomposition_table=dict(FUSED_DECOMPOSITIONS),
             tracing_mode="real",
             record_module_stack=True,
         )(*fakes)
+    out_of_place(agm)
     # Values the model computes and drops (attention weights it does not
     # return) would otherwise look like extra uses of a site.
     agm.graph.eliminate_dead_code()
     agm.recompile()
     return agm
+
+
+def _functional_form(op: Any) -> Any:
+    """The out-of-place twin of a pointwise in-place aten op (``div_.Tensor`` -> ``div.Tensor``), or None."""
+    if not isinstance(op, torch._ops.OpOverload) or op.namespace != "aten":
+        return None
+    name = op._schema.name.split("::")[-1]
+    args = op._schema.arguments
+    if not name.endswith("_") or not args or args[0].alias_info is None or not args[0].alias_info.is_write:
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    twin = getattr(packet, op._overloadname, None) if packet is not None else None
+    if twin is None or torch.Tag.pointwise not in twin.tags:
+        return None
+    return twin
+
+
+def _is_view(node: Node) -> bool:
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload):
+        return False
+    rets = t._schema.returns
+    return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
+
+
+def out_of_place(gm: GraphModule) -> None:
+    """Replace pointwise in-place ops on fresh intermediates by their out-of-place forms.
+
+    ``scores /= d`` (Falcon) traces as ``div_(scores, d)``, and what follows
+    reads the ``div_`` node: ``div(scores, d)`` means the same whenever
+    nothing else can see the mutation, that is when ``scores`` and the
+    tensors it shares memory with (its base through views, and their other
+    views) are not graph inputs and are not read after the op. Anything else
+    stays in place (and the matchers then say why a site is not matched).
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in list(gm.graph.nodes):
+        twin = _functional_form(node.target) if node.op == "call_function" else None
+        if twin is None or not isinstance(node.args[0] if node.args else None, Node):
+            continue
+        base = node.args[0]
+        while _is_view(base) and isinstance(base.args[0], Node):
+            base = base.args[0]
+        if base.op != "call_function":
+            continue  # a graph input: the mutation is visible to the caller
+        family, todo = set(), [base]
+        while todo:
+            n = todo.pop()
+            if n in family:
+                continue
+            family.add(n)
+            todo.extend(u for u in n.users if _is_view(u) and u.args and u.args[0] is n)
+        if any(order[u] > order[node] for n in family for u in n.users if u is not node):
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(twin, node.args, dict(node.kwargs))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        order[new] = order[node]
 
 
 def compile_context(agm: GraphModule, dynamo_gm: GraphModule, example_inputs: Sequence[Any]) -> MatchContext:

@@ -115,3 +115,49 @@ def test_options_given_to_a_backend_object_are_refused() -> None:
     compiled = torch.compile(model, backend=attnrw.backend(inner="eager"), options={"policy": "sparse"})
     with pytest.raises(Exception, match="goes with backend='attnrw'"):
         compiled(*args, **kwargs)
+
+
+class SharedMemoryMutation(nn.Module):
+    """An in-place op whose effect a view made before it must see: it cannot become out-of-place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        z = y.view(-1)
+        y.mul_(3)
+        w = x + 1
+        w.add_(5)  # nothing else sees w: this one may become out-of-place
+        return z.sum() + w.sum()
+
+
+def test_in_place_ops_that_others_see_stay_in_place() -> None:
+    from attnrw.rewriter.trace import trace_to_aten
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(trace_to_aten(gm, example_inputs))
+        return graphs[-1]
+
+    x = torch.randn(3, 4)
+    out = torch.compile(SharedMemoryMutation(), backend=capture)(x)
+    torch.testing.assert_close(out, SharedMemoryMutation()(x))
+    targets = [n.target for n in graphs[0].graph.nodes]
+    assert torch.ops.aten.mul_.Tensor in targets and torch.ops.aten.add_.Tensor not in targets
+
+
+def test_compile_trace_keeps_symbolic_sizes() -> None:
+    """The aten trace a backend matches keeps dynamo's symbolic lengths (a specialised one would be wrong at others)."""
+    from attnrw.rewriter.trace import trace_to_aten
+
+    shapes: list[tuple] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        agm = trace_to_aten(gm, example_inputs)
+        shapes.extend(tuple(n.meta["val"].shape) for n in agm.graph.nodes
+                      if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor))
+        return agm
+
+    torch.manual_seed(0)
+    model = InPlaceScaled().eval()
+    torch.compile(model, backend=capture, dynamic=True)(torch.randn(2, 10, 16))
+    assert any(isinstance(d, torch.SymInt) for s in shapes for d in s), shapes
