@@ -18,7 +18,8 @@ import importlib
 from typing import Any
 
 from attnrw import kernels as _kernels  # noqa: F401  (registers torch.ops.attnrw.*)
-from attnrw.config import Auto, Condense, Dense, Merge, Policy, Sparse, parse_options, policy_from_dict
+from attnrw.config import parse_options
+from attnrw.policies import Auto, Condense, Dense, Merge, Policy, Sparse, policy_from_dict
 from attnrw.errors import (
     AttnrwError,
     ConfigError,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 import attnrw
-from attnrw.config import Auto, Policy
+from attnrw.policies import Auto, Policy
 from attnrw.errors import ConfigError
 from attnrw.rewriter.plan import Plan
 from attnrw.rewriter.trace import export_program

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import attnrw
-from attnrw.config import Auto, Condense, Dense, Merge, Sparse, policy_from_dict, resolve_policy
+from attnrw.config import resolve_policy
+from attnrw.policies import Auto, Condense, Dense, Merge, Sparse, policy_from_dict
 from attnrw.patterns.site import AttentionSite
 
 

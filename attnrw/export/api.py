@@ -17,7 +17,8 @@ import onnx_ir as ir
 import torch
 from torch.utils import _pytree as pytree
 
-from attnrw.config import Dense, PolicySpec
+from attnrw.config import PolicySpec
+from attnrw.policies import Dense
 from attnrw.errors import AttnrwError, ConfigError
 from attnrw.export.dense import dense_translation
 from attnrw.export.merge import check_exportable as check_merge_exportable

@@ -36,7 +36,7 @@ import onnx_ir as ir
 from onnxscript import opset18 as op
 from onnxscript import opset23 as op23
 
-from attnrw.config import DEFAULT_BLOCK_SIZE
+from attnrw.policies import DEFAULT_BLOCK_SIZE
 from attnrw.errors import ConfigError
 from attnrw.export.dense import ATTENTION_OPSET
 from attnrw.export._graph import (

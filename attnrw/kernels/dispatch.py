@@ -16,8 +16,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from attnrw.config import IMPLS
 from attnrw.errors import ImplementationUnavailableError
+
+#: The implementations every op takes as ``impl``.
+IMPLS = ("auto", "torch", "triton")
 
 F = TypeVar("F", bound=Callable[..., Any])
 

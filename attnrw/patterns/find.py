@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch.fx import GraphModule
 
 from attnrw.patterns.context import MatchContext
@@ -37,7 +39,10 @@ def find_sites(gm: GraphModule, ctx: MatchContext | None = None) -> tuple[list[M
         else:
             continue
         try:
-            matches.append(matcher(node, ctx))
+            m = matcher(node, ctx)
         except NoMatch as e:
             skipped.append(Skipped(module_path(node), node.name, str(e)))
+            continue
+        m.site = dataclasses.replace(m.site, index=len(matches))
+        matches.append(m)
     return matches, skipped

@@ -27,7 +27,8 @@ class AttentionSite:
     ``attended_axis`` says what the query and key axes of the scores are
     made of: ``"tokens"``, ``"features"`` (channel attention: the scores
     are channels × channels; never aligned) or ``"unknown"`` (the trail
-    back to a projection was lost).
+    back to a projection was lost). ``index`` is the site's number in
+    graph order among the sites of its graph (per-site schedules use it).
     """
 
     module_path: str
@@ -47,6 +48,7 @@ class AttentionSite:
     self_attention: bool
     node: str
     attended_axis: str = "tokens"
+    index: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

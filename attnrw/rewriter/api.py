@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from attnrw.config import Auto, Dense, PolicySpec, check_policy_spec
+from attnrw.config import PolicySpec, check_policy_spec
+from attnrw.policies import Auto, Dense
 from attnrw.errors import ConfigError
 from attnrw.rewriter.replace import run_passes
 from attnrw.rewriter.calibrate import Calibrator, Progress

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from attnrw.config import Auto, BackendSettings, PolicySpec, check_policy_spec, parse_options
+from attnrw.config import BackendSettings, PolicySpec, check_policy_spec, parse_options
+from attnrw.policies import Auto
 from attnrw.errors import ConfigError
 from attnrw.patterns.graph import hint
 from attnrw.rewriter.calibrate import Calibrator
@@ -120,7 +121,7 @@ def backend(
 
     ``inner`` compiles the rewritten graph: ``"inductor"`` or ``"eager"``.
     """
-    from attnrw.config import Dense
+    from attnrw.policies import Dense
 
     return AttnrwBackend(policy if policy is not None else Dense(), on_report, BackendSettings(inner=inner))
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from attnrw.config import Auto, Condense, Dense, Policy, Sparse
+from attnrw.policies import Auto, Condense, Dense, Policy, Sparse
 from attnrw.patterns.context import MatchContext
 from attnrw.patterns.find import find_sites
 from attnrw.patterns.match import Match

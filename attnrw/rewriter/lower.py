@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from attnrw.config import Condense, Dense, Merge, Policy, Sparse
+from attnrw.policies import Condense, Dense, Merge, Policy, Sparse
 from attnrw.errors import ConfigError
 from attnrw.patterns.match import Match
 

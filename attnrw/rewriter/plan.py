@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnrw.config import Dense, Policy, policy_from_dict
+from attnrw.policies import Dense, Policy, policy_from_dict
 from attnrw.errors import PlanError
 from attnrw.patterns.match import Match
 from attnrw.patterns.site import AttentionSite

@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 from torch.fx import GraphModule
 
-from attnrw.config import Auto, Policy, PolicySpec, resolve_policy
+from attnrw.config import PolicySpec, resolve_policy
+from attnrw.policies import Auto, Policy
 from attnrw.errors import ConfigError
 from attnrw.patterns.context import MatchContext
 from attnrw.patterns.find import find_sites

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import attnrw
-from attnrw.config import BackendSettings, Dense, Sparse, parse_options
+from attnrw.config import BackendSettings, parse_options
+from attnrw.policies import Dense, Sparse
 from tests.zoo import ZOO, outputs_to_tensors
 
 #: Gradients through the rewritten model vs the unmodified one (issue acceptance).
