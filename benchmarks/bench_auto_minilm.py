@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attnrw  # noqa: E402
-from attnrw.rewriter.calibrate import attention_flops, default_candidates  # noqa: E402
+from attnrw.policies.auto import default_candidates  # noqa: E402
+from attnrw.rewriter.calibrate import attention_flops  # noqa: E402
 from corpus import batches, minilm, texts  # noqa: E402
 
 

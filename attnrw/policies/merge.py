@@ -86,9 +86,11 @@ class Merge(Policy):
             return Keep("merge not applicable (causal: merging keys would mix past and future); kept dense")
         mode, note = self.mode, ""
         if mode != "kv" and not site.self_attention:
-            mode, note = "kv", f"{mode} needs one aligned sequence; merged keys/values only (kv)"
-        # "tokens" runs as "qkv" at the site; the tokens pass (attnrw.rewriter.tokens) then
-        # carries the merged tokens on where it can prove the layers after it token-wise.
+            mode, note = "kv", f"{mode} mode needs one aligned sequence; merged keys/values only (kv)"
+        if mode == "tokens":
+            # Runs as "qkv" at the site; the tokens pass (attnrw.rewriter.tokens) then carries
+            # the merged tokens on where it can prove the layers after the site token-wise.
+            mode = "qkv"
         ratio, r = self.amount(site)
         kwargs = dict(ratio=ratio, r=r, mode=mode, protect=list(self.protect), impl=self.impl, is_causal=False)
         return Lowering(torch.ops.attnrw.merged_attention.default, kwargs, note)

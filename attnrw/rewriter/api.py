@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from attnrw.config import PolicySpec, check_policy_spec
+from attnrw.config import PolicySpec, check_policy_spec, needs_calibration
 from attnrw.policies import Auto, Dense
 from attnrw.errors import ConfigError
-from attnrw.rewriter.replace import run_passes
+from attnrw.rewriter.passes import run_passes
 from attnrw.rewriter.calibrate import Calibrator, Progress
 from attnrw.rewriter.plan import Plan
 from attnrw.rewriter.report import Report
@@ -69,7 +69,7 @@ def rewrite(
         raise ConfigError("dynamic_shapes applies when exporting a module; this program is already exported")
     ep = export_program(model, tuple(args or ()), kwargs, dynamic_shapes)
     ctx = export_context(ep, args, kwargs)
-    if isinstance(policy, Auto):
+    if needs_calibration(policy):
         # Calibrate on the example inputs themselves; attnrw.calibrate takes a held-out set.
         policy = _calibrate_program(ep, ctx, policy, [(tuple(args or ()), dict(kwargs or {}))], None, None)
     rep = run_passes(ep.graph_module, policy, ctx, name=type(model).__name__)
@@ -128,7 +128,7 @@ def calibrate(
     ``calib``). ``progress(stage, done, total)`` is called as work proceeds.
     """
     auto = policy if policy is not None else Auto(budget=0.01)
-    if not isinstance(auto, Auto):
+    if not needs_calibration(auto):
         raise ConfigError(f"calibrate takes an Auto policy, got {type(auto).__name__}")
     calib_s = _samples(calib, "calib")
     check_s = _samples(check, "check") if check is not None else None

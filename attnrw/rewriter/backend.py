@@ -14,13 +14,12 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from attnrw.config import BackendSettings, PolicySpec, check_policy_spec, parse_options
-from attnrw.policies import Auto
+from attnrw.config import BackendSettings, PolicySpec, check_policy_spec, needs_calibration, parse_options
 from attnrw.errors import ConfigError
 from attnrw.patterns.graph import hint
 from attnrw.rewriter.calibrate import Calibrator
 from attnrw.rewriter.plan import Plan
-from attnrw.rewriter.replace import run_passes
+from attnrw.rewriter.passes import run_passes
 from attnrw.rewriter.report import Report
 from attnrw.rewriter.trace import compile_context, trace_to_aten
 
@@ -74,7 +73,7 @@ class AttnrwBackend:
         agm = trace_to_aten(gm, example_inputs)
         ctx = compile_context(agm, gm, example_inputs)
         policy = self.policy
-        if isinstance(policy, Auto):
+        if needs_calibration(policy):
             # Calibrate on this call's inputs (they are real tensors here).
             inputs = [hint(x) if isinstance(x, torch.SymInt) else x for x in example_inputs]
             policy = Calibrator(agm, ctx.for_copy, policy).run([inputs])

@@ -25,13 +25,14 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from attnrw.policies import Auto, Condense, Dense, Policy, Sparse
+from attnrw.policies import Auto, Dense, Policy, dense_flops
+from attnrw.policies.dense import is_dense
 from attnrw.patterns.context import MatchContext
 from attnrw.patterns.find import find_sites
 from attnrw.patterns.match import Match
 from attnrw.patterns.site import AttentionSite
 from attnrw.rewriter.emit import Emitter
-from attnrw.rewriter.lower import lower
+from attnrw.rewriter.lowering import call_site, lower_site
 from attnrw.rewriter.plan import Plan, PlanEntry, site_keys
 
 log = logging.getLogger("attnrw.calibrate")
@@ -39,38 +40,9 @@ log = logging.getLogger("attnrw.calibrate")
 Progress = Callable[[str, int, int], None]
 
 
-def default_candidates() -> tuple[Policy, ...]:
-    """The ladder tried when ``Auto.candidates`` is None: cheap windows, condensed, wider windows, dense."""
-    # Top-k variants catch the few far keys a window misses (BERT-style models
-    # attend heavily to the final [SEP]); wide windows give near-dense steps.
-    ladder: list[Policy] = [
-        Sparse(window=32, sinks=4),
-        Sparse(window=64, sinks=4),
-        Sparse(window=64, sinks=4, topk=2, block_size=32),
-        Sparse(window=128, sinks=4),
-        Sparse(window=128, sinks=4, topk=2, block_size=32),
-        Sparse(window=256, sinks=4),
-        Sparse(window=256, sinks=4, topk=2, block_size=32),
-        Sparse(window=512, sinks=4),
-    ]
-    if hasattr(torch.ops.attnrw, "condensed_attention"):
-        ladder += [Condense(recent=64, group=16, sinks=4), Condense(recent=128, group=8, sinks=4)]
-    return tuple(ladder)
-
-
 def attention_flops(site: AttentionSite, policy: Policy) -> float:
     """Multiply-add FLOPs of the two attention products of one site under a policy (per call)."""
-    heads, sq, sk = site.num_heads, site.q_len, site.kv_len
-    per_key = 2 * (site.head_dim + site.v_head_dim)
-    keys = (sk + 1) / 2 if site.causal else float(sk)
-    if site.self_attention and isinstance(policy, Sparse):
-        band = policy.window if site.causal else 2 * (policy.window // 2) + 1
-        keys = min(keys, band + policy.sinks + policy.topk * policy.block_size)
-    elif site.self_attention and isinstance(policy, Condense):
-        exact = policy.recent if site.causal else 2 * (policy.recent // 2) + 1
-        summaries = math.ceil(sk / policy.group) / (2 if site.causal else 1)
-        keys = min(keys, exact + policy.group + policy.sinks + summaries)
-    return float(site.batch * heads * sq * keys * per_key)
+    return dense_flops(site) * policy.cost(site)
 
 
 @dataclass
@@ -136,8 +108,7 @@ class Calibrator:
         self.progress = progress or (lambda stage, done, total: None)
         self.matches, _ = find_sites(gm, ctx_for(gm))
         self.keys = site_keys([m.site for m in self.matches])
-        cands = auto.candidates if auto.candidates is not None else default_candidates()
-        cands = tuple(c for c in cands if not isinstance(c, Dense)) + (Dense(),)
+        cands = tuple(c for c in auto.ladder() if not is_dense(c)) + (Dense(),)
         self.candidates = cands
         self._checks = 0
 
@@ -153,7 +124,7 @@ class Calibrator:
         #    so the plan never costs more than the best uniform choice.
         best = [dense] * n
         uniform = sorted(
-            (c for c in self.candidates if not isinstance(c, Dense)),
+            (c for c in self.candidates if not is_dense(c)),
             key=lambda c: sum(attention_flops(m.site, c) for m in self.matches),
         )
         best_error = self._check(best, check)
@@ -181,7 +152,7 @@ class Calibrator:
         for i, m in enumerate(self.matches):
             c = best[i]
             note = ""
-            if isinstance(c, Dense):
+            if is_dense(c):
                 note = "no candidate keeps the model within the budget" if cheaper[i] else "no candidate saves work here"
                 notes.append(f"{self.keys[i]}: {note}; kept Dense")
             saved = attention_flops(m.site, dense) - attention_flops(m.site, c)
@@ -195,7 +166,7 @@ class Calibrator:
         """The candidates that save work at site ``i``, cheapest first."""
         site = self.matches[i].site
         full = attention_flops(site, Dense())
-        out = [c for c in self.candidates if not isinstance(c, Dense) and attention_flops(site, c) < full]
+        out = [c for c in self.candidates if not is_dense(c) and attention_flops(site, c) < full]
         return sorted(out, key=lambda c: attention_flops(site, c))
 
     # -- steps ------------------------------------------------------------
@@ -209,10 +180,7 @@ class Calibrator:
                 with torch.no_grad():
                     dense = torch.ops.attnrw.attention(q, k, v, mask, m.is_causal, m.scale)
                     for c in self.candidates:
-                        lo = lower(m, c, i)
-                        out = dense if lo.op is torch.ops.attnrw.attention.default else lo.op(
-                            q, k, v, mask, lo.is_causal, m.scale, *lo.extra
-                        )
+                        out = dense if is_dense(c) else call_site(m, lower_site(m, c), q, k, v, mask)
                         st = stats[i][c]
                         st.err2 += float((out.double() - dense.double()).pow(2).sum())
                         st.ref2 += float(dense.double().pow(2).sum())
@@ -222,7 +190,7 @@ class Calibrator:
 
     def _check(self, policies: list[Policy], check: Sequence[Sequence[Any]]) -> float:
         """The model output's relative L2 error over ``check`` with ``policies`` applied."""
-        from attnrw.rewriter.replace import run_passes
+        from attnrw.rewriter.passes import run_passes
 
         plan = Plan([PlanEntry(k, p, 0.0, 0.0) for k, p in zip(self.keys, policies)], self.auto.budget)
         work = copy.deepcopy(self.gm)

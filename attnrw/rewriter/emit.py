@@ -8,6 +8,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node
 
+import attnrw.opargs as opargs
 from attnrw.patterns import expr as E
 from attnrw.patterns.graph import val
 
@@ -49,6 +50,11 @@ class Emitter:
         node = self.graph.call_function(target, args, kwargs or {})
         node.meta["val"] = self._fake(target, args, kwargs or {})
         return node
+
+    def call_named(self, target: Any, values: dict[str, Any]) -> Node:
+        """Call ``target`` with its arguments by name (see :func:`attnrw.opargs.call_args`)."""
+        args, kwargs = opargs.call_args(target, values)
+        return self.call(target, args, kwargs)
 
     def _fake(self, target: Any, args: tuple, kwargs: dict) -> Any:
         def load(a: Any) -> Any:

@@ -51,14 +51,14 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+import attnrw.opargs as opargs
 from attnrw.patterns.graph import view_groups
 from attnrw.rewriter.emit import Emitter
+from attnrw.rewriter.lowering import POLICY_META, SITE_META
 from attnrw.rewriter.report import Decision
 
 aten = torch.ops.aten
 
-#: Marks a ``merged_attention`` node emitted for a ``Merge(mode="tokens")`` site.
-TOKENS_META = "attnrw_tokens"
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 _SAME = {aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
@@ -109,6 +109,21 @@ class Carried:
     restored: Node | None = None
 
 
+_WEIGHT = {aten.linear.default: "weight", aten.matmul.default: "other", aten.mm.default: "mat2"}
+
+
+def is_tokens_site(node: Node) -> bool:
+    """A ``merged_attention`` node emitted (as ``qkv``) for a ``Merge(mode="tokens")`` site."""
+    if node.op != "call_function" or node.target is not torch.ops.attnrw.merged_attention.default:
+        return False
+    return getattr(node.meta.get(POLICY_META), "mode", None) == "tokens" and opargs.arg(node, "mode") == "qkv"
+
+
+def _data(node: Node) -> Any:
+    """The first argument of a call (the data input of the aten ops this pass knows)."""
+    return next(iter(node.args), None)
+
+
 def _val(n: Any) -> Any:
     return n.meta.get("val") if isinstance(n, Node) else n
 
@@ -133,7 +148,7 @@ class TokensPass:
         for node in list(self.gm.graph.nodes):
             if node.op == "output":
                 self._exit_all(node, "graph output")
-            elif node.op == "call_function" and node.meta.get(TOKENS_META):
+            elif is_tokens_site(node):
                 self._site(node)
             elif node.op == "call_function" and self._carried_inputs(node):
                 with self.gm.graph.inserting_before(node):
@@ -154,9 +169,8 @@ class TokensPass:
     # --- sites -----------------------------------------------------------------------------------
 
     def _site(self, node: Node) -> None:
-        q, k, v, mask = node.args[:4]
-        scale, ratio, r = node.args[5], node.args[6], node.args[7]
-        protect, impl = node.args[9], node.args[10]
+        a = opargs.bind(node)
+        q, k, v, mask = a["q"], a["k"], a["v"], a["attn_mask"]
         ins = [self.carried.get(x) for x in (q, k, v)]
         why = None
         if not all(_static(_val(x).shape) for x in (q, k, v)):
@@ -178,11 +192,13 @@ class TokensPass:
         with self.gm.graph.inserting_before(node):
             index = state.index if state is not None else None
             sizes = state.sizes if state is not None else None
-            call = self.emitter.call(
-                torch.ops.attnrw.tokens_attention.default,
-                (*args, mask, scale, ratio, r, protect, index, sizes, impl),
+            op = torch.ops.attnrw.tokens_attention.default
+            values = {name: a[name] for name in ("scale", "ratio", "r", "protect", "impl")}
+            qn, kn, vn = args
+            call = self.emitter.call_named(
+                op, dict(q=qn, k=kn, v=vn, attn_mask=mask, index=index, sizes=sizes, **values)
             )
-            for key in ("attnrw_site", "nn_module_stack"):
+            for key in (SITE_META, POLICY_META, "nn_module_stack"):
                 if key in node.meta:
                     call.meta[key] = node.meta[key]
             outs = [self.emitter.call(operator.getitem, (call, i)) for i in range(4)]
@@ -200,17 +216,20 @@ class TokensPass:
         if not all(state.descends_from(s) for s in states):
             raise _Exit("values from two unrelated token merges meet")
         if target is operator.getitem:
-            src = self.carried[node.args[0]]  # type: ignore[index]
+            tup, item = node.args
+            src = self.carried[tup]  # type: ignore[index]
             if not src.tuple_out:
                 raise _Exit("getitem of a tensor")
-            self._emit_as(node, (src.node, node.args[1]), {}, src.state, src.tok, src.batch)
+            self._emit_as(node, (src.node, item), {}, src.state, src.tok, src.batch)
             return
         if not isinstance(target, torch._ops.OpOverload):
             raise _Exit(f"{getattr(target, '__name__', target)} is not an aten op")
         out = _val(node)
         if isinstance(out, torch.Tensor) and not _static(out.shape):
             raise _Exit("dynamic shapes")
-        x = self.carried.get(node.args[0]) if isinstance(node.args[0], Node) else None
+        a = opargs.bind(node)
+        data = _data(node)
+        x = self.carried.get(data) if isinstance(data, Node) else None
         if target in _VIEWS or target is aten.expand.default:
             self._one_input(x, ins)
             assert x is not None
@@ -218,19 +237,19 @@ class TokensPass:
         elif target in (aten.permute.default, aten.transpose.int, aten.t.default):
             self._one_input(x, ins)
             assert x is not None
-            nd = _val(node.args[0]).dim()
+            nd = _val(data).dim()
             if target is aten.permute.default:
-                perm = [d % nd for d in node.args[1]]  # type: ignore[union-attr]
+                perm = [d % nd for d in a["dims"]]
             else:
-                d0, d1 = (0, 1) if target is aten.t.default else (node.args[1] % nd, node.args[2] % nd)
+                d0, d1 = (0, 1) if target is aten.t.default else (a["dim0"] % nd, a["dim1"] % nd)
                 perm = list(range(nd))
                 perm[d0], perm[d1] = perm[d1], perm[d0]
             self._same_args(node, x, perm.index(x.tok), perm.index(x.batch))
         elif target in (aten.unsqueeze.default, aten.squeeze.dim, aten.select.int):
             self._one_input(x, ins)
             assert x is not None
-            nd = _val(node.args[0]).dim()
-            d = node.args[1] % (nd + (target is aten.unsqueeze.default))  # type: ignore[operator]
+            nd = _val(data).dim()
+            d = a["dim"] % (nd + (target is aten.unsqueeze.default))
             if target is aten.unsqueeze.default:
                 self._same_args(node, x, x.tok + (x.tok >= d), x.batch + (x.batch >= d))
             else:
@@ -241,19 +260,19 @@ class TokensPass:
             self._one_input(x, ins)
             assert x is not None
             self._same_args(node, x, x.tok, x.batch)
-        elif target in (aten.linear.default, aten.matmul.default, aten.mm.default):
-            self._matmul(node, x, ins, node.args[1])
+        elif target in _WEIGHT:
+            self._matmul(node, x, ins, a[_WEIGHT[target]])
         elif target is aten.addmm.default:
-            x = self.carried.get(node.args[1])  # type: ignore[arg-type]
-            bias = _val(node.args[0])
+            x = self.carried.get(a["mat1"])
+            bias = _val(a["self"])
             if x is None or (bias.dim() == 2 and bias.shape[0] != 1):
                 raise _Exit("addmm whose bias varies by row")
-            self._matmul(node, x, ins, node.args[2])
+            self._matmul(node, x, ins, a["mat2"])
         elif target in (aten.native_layer_norm.default, aten.layer_norm.default):
             self._one_input(x, ins)
             assert x is not None
-            nd = _val(node.args[0]).dim()
-            if max(x.tok, x.batch) >= nd - len(node.args[1]):  # type: ignore[arg-type]
+            nd = _val(data).dim()
+            if max(x.tok, x.batch) >= nd - len(a["normalized_shape"]):
                 raise _Exit("layer norm over the token axis")
             self._same_args(node, x, x.tok, x.batch, tuple_out=target is aten.native_layer_norm.default)
         elif target in _REDUCE or target in _SOFTMAX or target in _SPLIT or target is aten.slice.Tensor:
@@ -280,25 +299,17 @@ class TokensPass:
         self._one_input(x, ins)
         assert x is not None
         target = node.target
-        args, kwargs = node.args, node.kwargs
-        nd = _val(args[0]).dim()
-        if target in _SPLIT:
-            dims: Any = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-        elif target is aten.slice.Tensor:
-            dims = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-        else:
-            dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        a = opargs.bind(node)
+        nd = _val(_data(node)).dim()
+        dims: Any = a.get("dim")
         if dims is None or (isinstance(dims, (list, tuple)) and not dims):
             raise _Exit(f"{_name(node)} over all axes")
         dims = [d % nd for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
         if x.tok in dims or x.batch in dims:
             raise _Exit(f"{_name(node)} over the token or batch axis")
-        if target in _SOFTMAX or target in _SPLIT or target is aten.slice.Tensor:
-            keep = True
-        elif target in (aten.var.correction, aten.std.correction, aten.var_mean.correction):
-            keep = bool(kwargs.get("keepdim", False))
-        else:
-            keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+        keep = True if target in _SOFTMAX or target in _SPLIT or target is aten.slice.Tensor else bool(
+            a.get("keepdim") or False
+        )
         tok, batch = x.tok, x.batch
         if not keep:
             tok -= sum(d < x.tok for d in dims)
@@ -347,7 +358,7 @@ class TokensPass:
     # --- emitting --------------------------------------------------------------------------------
 
     def _view(self, node: Node, x: Carried) -> None:
-        old_in, old_out = list(_val(node.args[0]).shape), list(_val(node).shape)
+        old_in, old_out = list(_val(_data(node)).shape), list(_val(node).shape)
         if node.target is aten.expand.default:
             if len(old_out) != len(old_in):
                 raise _Exit("expand that adds axes")
@@ -359,7 +370,11 @@ class TokensPass:
             tok, batch = mapped
         shape = list(old_out)
         shape[tok] = old_out[tok] // x.state.n * x.state.tokens
-        self._emit_as(node, (x.node, shape, *node.args[2:]), dict(node.kwargs), x.state, tok, batch)
+        a = opargs.bind(node)
+        a["self"] = x.node
+        a["shape" if node.target is aten.reshape.default else "size"] = shape
+        args, kwargs = opargs.call_args(node.target, a)
+        self._emit_as(node, args, kwargs, x.state, tok, batch)
 
     def _same_args(self, node: Node, x: Carried, tok: int, batch: int, tuple_out: bool = False) -> None:
         """Re-emit ``node`` with its one carried input ``x`` replaced (callers check there is one)."""
@@ -382,9 +397,10 @@ class TokensPass:
         state.carried_ops += 1
 
     def _merge(self, x: Node, src: State | None, dst: State, tok: int, batch: int) -> Node:
-        return self.emitter.call(
+        return self.emitter.call_named(
             torch.ops.attnrw.merge_tokens.default,
-            (x, src.index if src else None, src.sizes if src else None, dst.index, dst.sizes, tok, batch),
+            dict(x=x, src_index=src.index if src else None, src_sizes=src.sizes if src else None,
+                 dst_index=dst.index, dst_sizes=dst.sizes, tok_dim=tok, batch_dim=batch),
         )
 
     def _restore(self, c: Carried, why: str, like: Node) -> Node:
@@ -396,7 +412,10 @@ class TokensPass:
         if c.restored is None:
             if c.tuple_out:
                 raise _Exit("a tuple of carried values")
-            full = self.emitter.call(torch.ops.attnrw.restore_tokens.default, (c.node, c.state.index, c.tok, c.batch))
+            full = self.emitter.call_named(
+                torch.ops.attnrw.restore_tokens.default,
+                dict(x=c.node, index=c.state.index, tok_dim=c.tok, batch_dim=c.batch),
+            )
             c.restored = self.emitter.restride(full, like)
         c.state.exits.append(why)
         return c.restored
@@ -500,12 +519,12 @@ def _attention_layout(c: Carried) -> bool:
 
 def carry_tokens(gm: GraphModule, decisions: list[Decision]) -> list[Decision]:
     """Run the pass on ``gm`` in place; returns the decisions with the tokens notes filled in."""
-    sites = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get(TOKENS_META)]
+    sites = [n for n in gm.graph.nodes if is_tokens_site(n)]
     if not sites:
         return decisions
     p = TokensPass(gm)
     p.run()
-    key = {n: n.meta.get("attnrw_site", {}).get("node", n.name) for n in sites}
+    key = {n: n.meta.get(SITE_META, {}).get("node", n.name) for n in sites}
     notes = {key[n]: note for n, note in p.notes().items()}
     carried = {key[n] for n in p.states if n not in p.fallback}
     gm.graph.eliminate_dead_code()
