@@ -50,6 +50,7 @@ from torch import nn
 
 import attnrw
 from attnrw import cli_bench
+from attnrw.cli_flags import add_policy_flags, cwd_on_path, given_flags, policy_from_flags
 from attnrw.errors import AttnrwError, ConfigError, ModelSpecError, VerificationError
 
 log = logging.getLogger("attnrw.cli")
@@ -62,20 +63,6 @@ DEFAULT_BATCH = 1
 DEFAULT_SEQ_LEN = 128
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
-
-#: CLI flag (argparse dest) -> policy field; only the flags given are passed on.
-POLICY_FLAGS: dict[str, str] = {
-    "window": "window",
-    "sinks": "sinks",
-    "topk": "topk",
-    "block_size": "block_size",
-    "recent": "recent",
-    "group": "group",
-    "ratio": "ratio",
-    "mode": "mode",
-    "budget": "budget",
-}
-
 
 class OutputPathError(AttnrwError, ValueError):
     """The output path cannot be written: it exists (without ``--force``), is a folder, or its folder is missing."""
@@ -186,23 +173,9 @@ def _load_pt2(spec: str) -> LoadedModel:
     return LoadedModel(program, tuple(args), dict(kwargs), spec)
 
 
-@contextlib.contextmanager
-def _cwd_on_path() -> Iterator[None]:
-    """Put the current directory first on ``sys.path`` for the import, as ``python -m`` does."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-
-
 def _load_factory(spec: str) -> LoadedModel:
     module_name, fn_name = spec.split(":")
-    with _cwd_on_path():
+    with cwd_on_path():
         try:
             module = importlib.import_module(module_name)
         except Exception as e:
@@ -361,14 +334,17 @@ def _dynamic_inputs(program: torch.export.ExportedProgram) -> list[str]:
 
 
 def policy_from_args(ns: argparse.Namespace) -> attnrw.Policy | attnrw.Plan:
-    """The policy named by ``--policy`` with the policy flags that were given, or the ``--plan`` file."""
-    flags = {field_: getattr(ns, dest) for dest, field_ in POLICY_FLAGS.items() if getattr(ns, dest, None) is not None}
+    """The policy named by ``--policy`` with the policy flags that were given, or the ``--plan`` file.
+
+    The flags are parsed by the types of the chosen policy's fields
+    (:mod:`attnrw.cli_flags`); a flag it does not take is a :class:`ConfigError`.
+    """
     plan = getattr(ns, "plan", None)
     if plan is not None:
-        if flags or ns.policy != "dense":
+        if given_flags(ns) or ns.policy != "dense":
             raise ConfigError("--plan fixes every site's policy; drop --policy and the policy flags")
         return attnrw.Plan.load(plan)
-    return attnrw.policy_from_dict({"policy": ns.policy, **flags})
+    return policy_from_flags(ns)
 
 
 def _policy_name(policy: attnrw.Policy | attnrw.Plan) -> str:
@@ -429,9 +405,9 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 
 def cmd_rewrite(ns: argparse.Namespace) -> int:
     """``attnrw rewrite MODEL -o OUT.pt2``: rewrite the attention sites and save the program."""
+    policy = policy_from_args(ns)
     out = Path(ns.output)
     _check_output(out, ns.force)
-    policy = policy_from_args(ns)
     loaded = _load(ns)
     dynamic = dynamic_seq_shapes(loaded.model, loaded.args, loaded.kwargs) if ns.dynamic_seq else None
     program = attnrw.rewrite(loaded.model, loaded.args, loaded.kwargs, policy=policy, dynamic_shapes=dynamic)
@@ -449,9 +425,9 @@ def cmd_rewrite(ns: argparse.Namespace) -> int:
 
 def cmd_export(ns: argparse.Namespace) -> int:
     """``attnrw export MODEL -o OUT.onnx``: rewrite and export to ONNX (verified in onnxruntime)."""
+    policy = policy_from_args(ns)
     out = Path(ns.output)
     _check_output(out, ns.force)
-    policy = policy_from_args(ns)
     loaded = _load(ns)
     try:
         from attnrw.export import to_onnx
@@ -480,20 +456,6 @@ def _add_model(p: argparse.ArgumentParser, inputs: bool = True) -> None:
         g = p.add_argument_group("inputs of hf:PATH models")
         g.add_argument("--batch", type=int, default=None, help=f"batch size (default {DEFAULT_BATCH})")
         g.add_argument("--seq-len", type=int, default=None, help=f"sequence length (default {DEFAULT_SEQ_LEN})")
-
-
-def _add_policy(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("policy (flags that the policy does not take are an error)")
-    g.add_argument("--policy", default="dense", help="dense, sparse, condense, merge or auto (default dense)")
-    g.add_argument("--window", type=int, help="sparse: keys each query sees around it")
-    g.add_argument("--sinks", type=int, help="sparse, condense: first tokens every query sees")
-    g.add_argument("--topk", type=int, help="sparse: extra key blocks per query block")
-    g.add_argument("--block-size", type=int, help="sparse, condense: block size of the chunked kernels")
-    g.add_argument("--recent", type=int, help="condense: recent tokens kept exact")
-    g.add_argument("--group", type=int, help="condense: older tokens per summary")
-    g.add_argument("--ratio", type=float, help="merge: fraction of tokens merged away, in [0, 1)")
-    g.add_argument("--mode", help="merge: kv, qkv or tokens")
-    g.add_argument("--budget", type=float, help="auto: error budget (relative L2 of the output)")
 
 
 def _add_output(p: argparse.ArgumentParser, suffix: str) -> None:
@@ -525,20 +487,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewrite", help="rewrite the attention sites and save a torch.export program")
     _add_model(p)
     _add_output(p, ".pt2")
-    _add_policy(p)
     p.add_argument("--plan", default=None, help="apply a saved plan (from attnrw bench --plan-out)")
+    add_policy_flags(p)
     p.set_defaults(func=cmd_rewrite)
 
     p = sub.add_parser("export", help="rewrite and export to ONNX, verified in onnxruntime")
     _add_model(p)
     _add_output(p, ".onnx")
-    _add_policy(p)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: attnrw's choice)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison against PyTorch")
     p.add_argument("--plan", default=None, help="apply a saved plan (from attnrw bench --plan-out)")
+    add_policy_flags(p)
     p.set_defaults(func=cmd_export)
 
-    cli_bench.add_parser(sub, _add_model, _add_policy)
+    cli_bench.add_parser(sub, _add_model)
     sub.choices["bench"].set_defaults(func=cmd_bench)
     return parser
 
