@@ -50,7 +50,7 @@ from torch import nn
 
 import attnrw
 from attnrw import cli_bench
-from attnrw.cli_flags import add_policy_flags, cwd_on_path, given_flags, policy_from_flags
+from attnrw.cli_flags import CALLABLE_SPEC, add_policy_flags, given_flags, import_callable, policy_from_flags
 from attnrw.errors import AttnrwError, ConfigError, ModelSpecError, VerificationError
 
 log = logging.getLogger("attnrw.cli")
@@ -62,7 +62,6 @@ EXIT_USAGE = 2
 DEFAULT_BATCH = 1
 DEFAULT_SEQ_LEN = 128
 
-_FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 class OutputPathError(AttnrwError, ValueError):
     """The output path cannot be written: it exists (without ``--force``), is a folder, or its folder is missing."""
@@ -98,7 +97,7 @@ def load_model(spec: str, batch: int | None = None, seq_len: int | None = None) 
         )
     if spec.endswith(".pt2"):
         return _load_pt2(spec)
-    if _FACTORY_RE.match(spec):
+    if CALLABLE_SPEC.match(spec):
         return _load_factory(spec)
     hint = f"; for a Hugging Face folder write hf:{spec}" if Path(spec).is_dir() else ""
     raise ModelSpecError(
@@ -174,18 +173,7 @@ def _load_pt2(spec: str) -> LoadedModel:
 
 
 def _load_factory(spec: str) -> LoadedModel:
-    module_name, fn_name = spec.split(":")
-    with cwd_on_path():
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as e:
-            raise ModelSpecError(
-                f"cannot import {module_name!r} for MODEL {spec!r}: {type(e).__name__}: {e} "
-                "(run from the folder that holds the package, or install it)"
-            ) from e
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ModelSpecError(f"module {module_name!r} has no callable {fn_name!r} (MODEL {spec!r})")
+    fn = import_callable(spec, ModelSpecError, f"MODEL {spec!r}")
     try:
         result = fn()
     except Exception as e:

@@ -44,6 +44,7 @@ from attnrw.errors import ConfigError
 from attnrw.policies import FieldInfo, Policy, get_policy, policy_fields, policy_from_dict, registry
 
 __all__ = [
+    "CALLABLE_SPEC",
     "FieldSyntax",
     "add_policy_flags",
     "cwd_on_path",
@@ -52,6 +53,7 @@ __all__ = [
     "flag_table",
     "format_value",
     "given_flags",
+    "import_callable",
     "parse_field",
     "type_name",
     "policy_from_flags",
@@ -62,7 +64,8 @@ GIVEN = "policy_flags"
 #: Namespace attribute holding the flag of each policy field: ``{policy: {field: flag}}``.
 TABLE = "policy_flag_table"
 
-_CALLABLE_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+#: ``pkg.module:fn``, as a Callable field and a factory MODEL are written.
+CALLABLE_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
@@ -285,22 +288,33 @@ def cwd_on_path() -> Iterator[None]:
             sys.path.remove(cwd)
 
 
-def _import_callable(text: str) -> Callable[..., Any]:
-    spec = text.strip()
-    if not _CALLABLE_RE.match(spec):
-        raise _BadValue()
+def import_callable(spec: str, error: type[Exception] = ConfigError, context: str = "") -> Callable[..., Any]:
+    """``fn`` of ``pkg.module:fn``, imported with the current directory first on ``sys.path``.
+
+    A failed import or a missing (or not callable) ``fn`` raises ``error``
+    with a message saying which, followed by `` (context)`` when given.
+    """
     module_name, fn_name = spec.split(":")
+    where = f" ({context})" if context else ""
     with cwd_on_path():
         try:
             module = importlib.import_module(module_name)
         except Exception as e:
-            raise ConfigError(
-                f"cannot import {module_name!r}: {type(e).__name__}: {e} (run from the folder that holds it)"
-            ) from None
+            raise error(
+                f"cannot import {module_name!r}{where}: {type(e).__name__}: {e} "
+                "(run from the folder that holds the package, or install it)"
+            ) from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ConfigError(f"module {module_name!r} has no callable {fn_name!r}")
+        raise error(f"module {module_name!r} has no callable {fn_name!r}{where}")
     return fn
+
+
+def _import_callable(text: str) -> Callable[..., Any]:
+    spec = text.strip()
+    if not CALLABLE_SPEC.match(spec):
+        raise _BadValue()
+    return import_callable(spec)
 
 
 # --- building the flags ------------------------------------------------------------------
