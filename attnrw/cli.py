@@ -7,6 +7,11 @@
     attnrw export  MODEL -o OUT.onnx [--policy NAME] [policy flags] [--opset N] [--no-verify]
                    [--force] [--dynamic-seq]
 
+The policy flags are generated from the registered policies
+(:mod:`attnrw.cli_flags`): one per field, e.g. ``--window``, ``--size-bias``,
+``--protect 0,5``, for the built-in policies and any registered with
+``@attnrw.policies.register_policy`` before :func:`main` runs.
+
 MODEL is one of:
 
 * ``path/to/program.pt2``: a ``torch.export`` program, read with

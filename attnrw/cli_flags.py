@@ -59,7 +59,7 @@ __all__ = [
     "policy_from_flags",
 ]
 
-#: Namespace attribute holding the policy flags given: ``{flag: (field, raw text)}``.
+#: Namespace attribute holding the policy flags given: ``{flag: text}``.
 GIVEN = "policy_flags"
 #: Namespace attribute holding the flag of each policy field: ``{policy: {field: flag}}``.
 TABLE = "policy_flag_table"
@@ -194,7 +194,7 @@ def _sequence_syntax(tp: Any) -> FieldSyntax:
     def parse(text: str) -> Any:
         parts = [p.strip() for p in text.split(",")] if text.strip() else []
         if not variadic and len(parts) != len(items):
-            raise _BadValue(f"{len(items)} values")
+            raise _BadValue()
         return make(item_syntax[0 if variadic else i].parse(p) for i, p in enumerate(parts))
 
     one = item_syntax[0]
