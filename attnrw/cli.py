@@ -41,9 +41,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +55,8 @@ import attnrw
 from attnrw import cli_bench
 from attnrw.cli_flags import CALLABLE_SPEC, add_policy_flags, given_flags, import_callable, policy_from_flags
 from attnrw.errors import AttnrwError, ConfigError, ModelSpecError, VerificationError
+from attnrw.files import CLI_HINT, check_output, write_atomically
+from attnrw.shapes import dynamic_seq_errors, dynamic_seq_shapes
 
 log = logging.getLogger("attnrw.cli")
 
@@ -66,10 +66,6 @@ EXIT_USAGE = 2
 
 DEFAULT_BATCH = 1
 DEFAULT_SEQ_LEN = 128
-
-
-class OutputPathError(AttnrwError, ValueError):
-    """The output path cannot be written: it exists (without ``--force``), is a folder, or its folder is missing."""
 
 
 @dataclass
@@ -273,43 +269,6 @@ def hf_inputs(model: nn.Module, config: Any, batch: int, seq_len: int) -> dict[s
 # --- dynamic sequence length ------------------------------------------------------------
 
 
-def dynamic_seq_shapes(model: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``dynamic_shapes`` for ``torch.export`` marking the sequence axis of each input dynamic.
-
-    The sequence axis is taken to be axis 1 of every tensor input of rank >= 2
-    (batch-first inputs, as Hugging Face text models take), plus axis 0 of a
-    square 2-D tensor (an ``(S, S)`` mask). Each is marked ``Dim.AUTO``:
-    ``torch.export`` keeps it dynamic where the model allows and static where
-    the model needs it to be, and never returns a program that is wrong for
-    another length. The result is keyed by the parameter names of ``forward``.
-    """
-    forward = model.module().forward if isinstance(model, torch.export.ExportedProgram) else model.forward
-    sig = _inspect.signature(forward)
-    try:
-        bound = sig.bind(*args, **kwargs)
-    except TypeError as e:
-        raise ModelSpecError(f"the example inputs do not fit the model's forward{sig}: {e}") from e
-
-    def spec(v: Any) -> Any:
-        if not isinstance(v, torch.Tensor) or v.dim() < 2:
-            return None
-        axes = {1: torch.export.Dim.AUTO}
-        if v.dim() == 2 and v.shape[0] == v.shape[1]:
-            axes[0] = torch.export.Dim.AUTO
-        return axes
-
-    out: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind is _inspect.Parameter.VAR_KEYWORD:
-            out[name] = {k: spec(v) for k, v in value.items()}
-        elif kind is _inspect.Parameter.VAR_POSITIONAL:
-            out[name] = tuple(spec(v) for v in value)
-        else:
-            out[name] = spec(value)
-    return out
-
-
 def _dynamic_inputs(program: torch.export.ExportedProgram) -> list[str]:
     """Names of the user inputs of ``program`` that have a symbolic size."""
     names = []
@@ -344,39 +303,6 @@ def _policy_name(policy: attnrw.Policy | attnrw.Plan) -> str:
     return "plan" if isinstance(policy, attnrw.Plan) else policy.name
 
 
-# --- atomic output ----------------------------------------------------------------------
-
-
-def _check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise OutputPathError(f"{str(path)!r} exists; pass --force to overwrite it")
-    if path.exists() and path.is_dir():
-        raise OutputPathError(f"{str(path)!r} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise OutputPathError(f"the output folder {str(path.parent)!r} does not exist; create it first")
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` with a fresh folder ``tmp`` beside ``path``, then move what it wrote into place.
-
-    ``write`` must create ``tmp / path.name``; other files it leaves in
-    ``tmp`` (e.g. ONNX external data, named after the model file) are moved
-    beside ``path`` first, so the main file appears last and whole.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        write(tmp)
-        main_file = tmp / path.name
-        if not main_file.is_file():
-            raise RuntimeError(f"the writer did not create {main_file.name!r}")
-        for extra in sorted(tmp.iterdir()):
-            if extra != main_file:
-                os.replace(extra, path.parent / extra.name)
-        os.replace(main_file, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # --- commands ---------------------------------------------------------------------------
 
 
@@ -399,14 +325,14 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 def cmd_rewrite(ns: argparse.Namespace) -> int:
     """``attnrw rewrite MODEL -o OUT.pt2``: rewrite the attention sites and save the program."""
     policy = policy_from_args(ns)
-    out = Path(ns.output)
-    _check_output(out, ns.force)
+    out = check_output(ns.output, ns.force, CLI_HINT)
     loaded = _load(ns)
     dynamic = dynamic_seq_shapes(loaded.model, loaded.args, loaded.kwargs) if ns.dynamic_seq else None
-    program = attnrw.rewrite(loaded.model, loaded.args, loaded.kwargs, policy=policy, dynamic_shapes=dynamic)
+    with dynamic_seq_errors() if ns.dynamic_seq else contextlib.nullcontext():
+        program = attnrw.rewrite(loaded.model, loaded.args, loaded.kwargs, policy=policy, dynamic_shapes=dynamic)
     if ns.dynamic_seq and not _dynamic_inputs(program):
         log.warning("--dynamic-seq: torch.export kept every input size static (no sequence axis could vary)")
-    write_atomically(out, lambda tmp: torch.export.save(program, tmp / out.name))
+    write_atomically(out, lambda folder: torch.export.save(program, folder / out.name), ns.force, CLI_HINT)
     ops = sum(
         1
         for n in program.graph.nodes
@@ -419,22 +345,18 @@ def cmd_rewrite(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     """``attnrw export MODEL -o OUT.onnx``: rewrite and export to ONNX (verified in onnxruntime)."""
     policy = policy_from_args(ns)
-    out = Path(ns.output)
-    _check_output(out, ns.force)
+    out = check_output(ns.output, ns.force, CLI_HINT)
     loaded = _load(ns)
     try:
         from attnrw.export import to_onnx
     except ImportError as e:
         raise ModelSpecError(f"ONNX export needs the onnx extras: pip install 'attnrw[onnx]' ({e})") from e
     extra: dict[str, Any] = {} if ns.opset is None else {"opset": ns.opset}
-
-    def write(tmp: Path) -> None:
-        to_onnx(
-            loaded.model, loaded.args, tmp / out.name, kwargs=loaded.kwargs, policy=policy,
-            dynamic_seq=ns.dynamic_seq, verify=not ns.no_verify, force=ns.force, **extra,
-        )
-
-    write_atomically(out, write)
+    # to_onnx writes atomically itself: nothing is left behind if export or verification fails.
+    to_onnx(
+        loaded.model, loaded.args, out, kwargs=loaded.kwargs, policy=policy,
+        dynamic_seq=ns.dynamic_seq, verify=not ns.no_verify, force=ns.force, **extra,
+    )
     verified = "not verified" if ns.no_verify else "verified in onnxruntime"
     print(f"wrote {out} (policy {_policy_name(policy)}, {verified})")
     return EXIT_OK
@@ -502,7 +424,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     """``attnrw bench MODEL --policy auto --budget B``: calibrate, rewrite, measure speed and error."""
     policy = policy_from_args(ns)
     loaded = _load(ns)
-    return cli_bench.run(ns, loaded, policy, _check_output, write_atomically)
+    return cli_bench.run(ns, loaded, policy)
 
 
 def _setup_logging(verbosity: int) -> None:
