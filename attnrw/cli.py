@@ -7,6 +7,11 @@
     attnrw export  MODEL -o OUT.onnx [--policy NAME] [policy flags] [--opset N] [--no-verify]
                    [--force] [--dynamic-seq]
 
+The policy flags are generated from the registered policies
+(:mod:`attnrw.cli_flags`): one per field, e.g. ``--window``, ``--size-bias``,
+``--protect 0,5``, for the built-in policies and any registered with
+``@attnrw.policies.register_policy`` before :func:`main` runs.
+
 MODEL is one of:
 
 * ``path/to/program.pt2``: a ``torch.export`` program, read with
@@ -36,9 +41,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,7 +53,10 @@ from torch import nn
 
 import attnrw
 from attnrw import cli_bench
+from attnrw.cli_flags import CALLABLE_SPEC, add_policy_flags, given_flags, import_callable, policy_from_flags
 from attnrw.errors import AttnrwError, ConfigError, ModelSpecError, VerificationError
+from attnrw.files import CLI_HINT, check_output, write_atomically
+from attnrw.shapes import dynamic_seq_errors, dynamic_seq_shapes
 
 log = logging.getLogger("attnrw.cli")
 
@@ -60,25 +66,6 @@ EXIT_USAGE = 2
 
 DEFAULT_BATCH = 1
 DEFAULT_SEQ_LEN = 128
-
-_FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
-
-#: CLI flag (argparse dest) -> policy field; only the flags given are passed on.
-POLICY_FLAGS: dict[str, str] = {
-    "window": "window",
-    "sinks": "sinks",
-    "topk": "topk",
-    "block_size": "block_size",
-    "recent": "recent",
-    "group": "group",
-    "ratio": "ratio",
-    "mode": "mode",
-    "budget": "budget",
-}
-
-
-class OutputPathError(AttnrwError, ValueError):
-    """The output path cannot be written: it exists (without ``--force``), is a folder, or its folder is missing."""
 
 
 @dataclass
@@ -111,7 +98,7 @@ def load_model(spec: str, batch: int | None = None, seq_len: int | None = None) 
         )
     if spec.endswith(".pt2"):
         return _load_pt2(spec)
-    if _FACTORY_RE.match(spec):
+    if CALLABLE_SPEC.match(spec):
         return _load_factory(spec)
     hint = f"; for a Hugging Face folder write hf:{spec}" if Path(spec).is_dir() else ""
     raise ModelSpecError(
@@ -186,33 +173,8 @@ def _load_pt2(spec: str) -> LoadedModel:
     return LoadedModel(program, tuple(args), dict(kwargs), spec)
 
 
-@contextlib.contextmanager
-def _cwd_on_path() -> Iterator[None]:
-    """Put the current directory first on ``sys.path`` for the import, as ``python -m`` does."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-
-
 def _load_factory(spec: str) -> LoadedModel:
-    module_name, fn_name = spec.split(":")
-    with _cwd_on_path():
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as e:
-            raise ModelSpecError(
-                f"cannot import {module_name!r} for MODEL {spec!r}: {type(e).__name__}: {e} "
-                "(run from the folder that holds the package, or install it)"
-            ) from e
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise ModelSpecError(f"module {module_name!r} has no callable {fn_name!r} (MODEL {spec!r})")
+    fn = import_callable(spec, ModelSpecError, f"MODEL {spec!r}")
     try:
         result = fn()
     except Exception as e:
@@ -307,43 +269,6 @@ def hf_inputs(model: nn.Module, config: Any, batch: int, seq_len: int) -> dict[s
 # --- dynamic sequence length ------------------------------------------------------------
 
 
-def dynamic_seq_shapes(model: Any, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``dynamic_shapes`` for ``torch.export`` marking the sequence axis of each input dynamic.
-
-    The sequence axis is taken to be axis 1 of every tensor input of rank >= 2
-    (batch-first inputs, as Hugging Face text models take), plus axis 0 of a
-    square 2-D tensor (an ``(S, S)`` mask). Each is marked ``Dim.AUTO``:
-    ``torch.export`` keeps it dynamic where the model allows and static where
-    the model needs it to be, and never returns a program that is wrong for
-    another length. The result is keyed by the parameter names of ``forward``.
-    """
-    forward = model.module().forward if isinstance(model, torch.export.ExportedProgram) else model.forward
-    sig = _inspect.signature(forward)
-    try:
-        bound = sig.bind(*args, **kwargs)
-    except TypeError as e:
-        raise ModelSpecError(f"the example inputs do not fit the model's forward{sig}: {e}") from e
-
-    def spec(v: Any) -> Any:
-        if not isinstance(v, torch.Tensor) or v.dim() < 2:
-            return None
-        axes = {1: torch.export.Dim.AUTO}
-        if v.dim() == 2 and v.shape[0] == v.shape[1]:
-            axes[0] = torch.export.Dim.AUTO
-        return axes
-
-    out: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind is _inspect.Parameter.VAR_KEYWORD:
-            out[name] = {k: spec(v) for k, v in value.items()}
-        elif kind is _inspect.Parameter.VAR_POSITIONAL:
-            out[name] = tuple(spec(v) for v in value)
-        else:
-            out[name] = spec(value)
-    return out
-
-
 def _dynamic_inputs(program: torch.export.ExportedProgram) -> list[str]:
     """Names of the user inputs of ``program`` that have a symbolic size."""
     names = []
@@ -361,51 +286,21 @@ def _dynamic_inputs(program: torch.export.ExportedProgram) -> list[str]:
 
 
 def policy_from_args(ns: argparse.Namespace) -> attnrw.Policy | attnrw.Plan:
-    """The policy named by ``--policy`` with the policy flags that were given, or the ``--plan`` file."""
-    flags = {field_: getattr(ns, dest) for dest, field_ in POLICY_FLAGS.items() if getattr(ns, dest, None) is not None}
+    """The policy named by ``--policy`` with the policy flags that were given, or the ``--plan`` file.
+
+    The flags are parsed by the types of the chosen policy's fields
+    (:mod:`attnrw.cli_flags`); a flag it does not take is a :class:`ConfigError`.
+    """
     plan = getattr(ns, "plan", None)
     if plan is not None:
-        if flags or ns.policy != "dense":
+        if given_flags(ns) or ns.policy != "dense":
             raise ConfigError("--plan fixes every site's policy; drop --policy and the policy flags")
         return attnrw.Plan.load(plan)
-    return attnrw.policy_from_dict({"policy": ns.policy, **flags})
+    return policy_from_flags(ns)
 
 
 def _policy_name(policy: attnrw.Policy | attnrw.Plan) -> str:
     return "plan" if isinstance(policy, attnrw.Plan) else policy.name
-
-
-# --- atomic output ----------------------------------------------------------------------
-
-
-def _check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise OutputPathError(f"{str(path)!r} exists; pass --force to overwrite it")
-    if path.exists() and path.is_dir():
-        raise OutputPathError(f"{str(path)!r} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise OutputPathError(f"the output folder {str(path.parent)!r} does not exist; create it first")
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` with a fresh folder ``tmp`` beside ``path``, then move what it wrote into place.
-
-    ``write`` must create ``tmp / path.name``; other files it leaves in
-    ``tmp`` (e.g. ONNX external data, named after the model file) are moved
-    beside ``path`` first, so the main file appears last and whole.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        write(tmp)
-        main_file = tmp / path.name
-        if not main_file.is_file():
-            raise RuntimeError(f"the writer did not create {main_file.name!r}")
-        for extra in sorted(tmp.iterdir()):
-            if extra != main_file:
-                os.replace(extra, path.parent / extra.name)
-        os.replace(main_file, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -429,15 +324,15 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
 
 def cmd_rewrite(ns: argparse.Namespace) -> int:
     """``attnrw rewrite MODEL -o OUT.pt2``: rewrite the attention sites and save the program."""
-    out = Path(ns.output)
-    _check_output(out, ns.force)
     policy = policy_from_args(ns)
+    out = check_output(ns.output, ns.force, CLI_HINT)
     loaded = _load(ns)
     dynamic = dynamic_seq_shapes(loaded.model, loaded.args, loaded.kwargs) if ns.dynamic_seq else None
-    program = attnrw.rewrite(loaded.model, loaded.args, loaded.kwargs, policy=policy, dynamic_shapes=dynamic)
+    with dynamic_seq_errors() if ns.dynamic_seq else contextlib.nullcontext():
+        program = attnrw.rewrite(loaded.model, loaded.args, loaded.kwargs, policy=policy, dynamic_shapes=dynamic)
     if ns.dynamic_seq and not _dynamic_inputs(program):
         log.warning("--dynamic-seq: torch.export kept every input size static (no sequence axis could vary)")
-    write_atomically(out, lambda tmp: torch.export.save(program, tmp / out.name))
+    write_atomically(out, lambda folder: torch.export.save(program, folder / out.name), ns.force, CLI_HINT)
     ops = sum(
         1
         for n in program.graph.nodes
@@ -449,23 +344,19 @@ def cmd_rewrite(ns: argparse.Namespace) -> int:
 
 def cmd_export(ns: argparse.Namespace) -> int:
     """``attnrw export MODEL -o OUT.onnx``: rewrite and export to ONNX (verified in onnxruntime)."""
-    out = Path(ns.output)
-    _check_output(out, ns.force)
     policy = policy_from_args(ns)
+    out = check_output(ns.output, ns.force, CLI_HINT)
     loaded = _load(ns)
     try:
         from attnrw.export import to_onnx
     except ImportError as e:
         raise ModelSpecError(f"ONNX export needs the onnx extras: pip install 'attnrw[onnx]' ({e})") from e
     extra: dict[str, Any] = {} if ns.opset is None else {"opset": ns.opset}
-
-    def write(tmp: Path) -> None:
-        to_onnx(
-            loaded.model, loaded.args, tmp / out.name, kwargs=loaded.kwargs, policy=policy,
-            dynamic_seq=ns.dynamic_seq, verify=not ns.no_verify, force=ns.force, **extra,
-        )
-
-    write_atomically(out, write)
+    # to_onnx writes atomically itself: nothing is left behind if export or verification fails.
+    to_onnx(
+        loaded.model, loaded.args, out, kwargs=loaded.kwargs, policy=policy,
+        dynamic_seq=ns.dynamic_seq, verify=not ns.no_verify, force=ns.force, **extra,
+    )
     verified = "not verified" if ns.no_verify else "verified in onnxruntime"
     print(f"wrote {out} (policy {_policy_name(policy)}, {verified})")
     return EXIT_OK
@@ -480,20 +371,6 @@ def _add_model(p: argparse.ArgumentParser, inputs: bool = True) -> None:
         g = p.add_argument_group("inputs of hf:PATH models")
         g.add_argument("--batch", type=int, default=None, help=f"batch size (default {DEFAULT_BATCH})")
         g.add_argument("--seq-len", type=int, default=None, help=f"sequence length (default {DEFAULT_SEQ_LEN})")
-
-
-def _add_policy(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("policy (flags that the policy does not take are an error)")
-    g.add_argument("--policy", default="dense", help="dense, sparse, condense, merge or auto (default dense)")
-    g.add_argument("--window", type=int, help="sparse: keys each query sees around it")
-    g.add_argument("--sinks", type=int, help="sparse, condense: first tokens every query sees")
-    g.add_argument("--topk", type=int, help="sparse: extra key blocks per query block")
-    g.add_argument("--block-size", type=int, help="sparse, condense: block size of the chunked kernels")
-    g.add_argument("--recent", type=int, help="condense: recent tokens kept exact")
-    g.add_argument("--group", type=int, help="condense: older tokens per summary")
-    g.add_argument("--ratio", type=float, help="merge: fraction of tokens merged away, in [0, 1)")
-    g.add_argument("--mode", help="merge: kv, qkv or tokens")
-    g.add_argument("--budget", type=float, help="auto: error budget (relative L2 of the output)")
 
 
 def _add_output(p: argparse.ArgumentParser, suffix: str) -> None:
@@ -525,20 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewrite", help="rewrite the attention sites and save a torch.export program")
     _add_model(p)
     _add_output(p, ".pt2")
-    _add_policy(p)
     p.add_argument("--plan", default=None, help="apply a saved plan (from attnrw bench --plan-out)")
+    add_policy_flags(p)
     p.set_defaults(func=cmd_rewrite)
 
     p = sub.add_parser("export", help="rewrite and export to ONNX, verified in onnxruntime")
     _add_model(p)
     _add_output(p, ".onnx")
-    _add_policy(p)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: attnrw's choice)")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison against PyTorch")
     p.add_argument("--plan", default=None, help="apply a saved plan (from attnrw bench --plan-out)")
+    add_policy_flags(p)
     p.set_defaults(func=cmd_export)
 
-    cli_bench.add_parser(sub, _add_model, _add_policy)
+    cli_bench.add_parser(sub, _add_model)
     sub.choices["bench"].set_defaults(func=cmd_bench)
     return parser
 
@@ -547,7 +424,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     """``attnrw bench MODEL --policy auto --budget B``: calibrate, rewrite, measure speed and error."""
     policy = policy_from_args(ns)
     loaded = _load(ns)
-    return cli_bench.run(ns, loaded, policy, _check_output, write_atomically)
+    return cli_bench.run(ns, loaded, policy)
 
 
 def _setup_logging(verbosity: int) -> None:

@@ -22,8 +22,11 @@ from typing import Any
 import torch
 
 import attnrw
+from attnrw.cli_flags import add_policy_flags
 from attnrw.policies import Auto, Policy
 from attnrw.errors import ConfigError
+from attnrw.files import CLI_HINT, check_output, write_atomically
+from attnrw.metrics import float_leaves, relative_l2
 from attnrw.rewriter.plan import Plan
 from attnrw.rewriter.trace import export_program
 
@@ -63,10 +66,6 @@ class BenchResult:
         return self.t_ref / self.t_new if self.t_new > 0 else math.inf
 
 
-def _floats(out: Any) -> list[torch.Tensor]:
-    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 def _time(fn: Callable[[], Any], repeat: int) -> float:
     fn()
     times = []
@@ -98,15 +97,13 @@ def measure(
     # speed-up is the rewrite's and not the difference between runners.
     reference = export_program(model, args, kwargs).module()
     with torch.no_grad():
-        ref = _floats(reference(*args, **kwargs))
-        out = _floats(rewritten(*args, **kwargs))
+        ref = float_leaves(reference(*args, **kwargs))
+        out = float_leaves(rewritten(*args, **kwargs))
         t_ref = _time(lambda: reference(*args, **kwargs), repeat)
         t_new = _time(lambda: rewritten(*args, **kwargs), repeat)
-    err2 = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(out, ref))
-    ref2 = sum(float(b.double().pow(2).sum()) for b in ref)
     max_abs = max((float((a - b).abs().max()) for a, b in zip(out, ref)), default=0.0)
     name = "plan" if isinstance(policy, Plan) else policy.name
-    return BenchResult(name, plan, t_ref, t_new, math.sqrt(err2 / ref2) if ref2 else 0.0, max_abs)
+    return BenchResult(name, plan, t_ref, t_new, relative_l2(out, ref), max_abs)
 
 
 def plot(path: Path, main: BenchResult, curve: list[tuple[float, BenchResult]]) -> None:
@@ -146,23 +143,25 @@ def plot(path: Path, main: BenchResult, curve: list[tuple[float, BenchResult]]) 
     plt.close(fig)
 
 
-def add_parser(sub: Any, add_model: Callable, add_policy: Callable) -> None:
+def add_parser(sub: Any, add_model: Callable) -> None:
+    """Add the ``bench`` command to ``sub``; ``add_model`` adds the MODEL argument and its input options."""
     p = sub.add_parser("bench", help="rewrite (calibrating --policy auto) and measure speed-up and error")
     add_model(p)
-    add_policy(p)
     p.add_argument("--plan", default=None, help="apply a saved plan instead of a policy")
     p.add_argument("--calib", type=int, default=1, help="calibration batches (hf: models draw fresh inputs)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per model (median)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw the error/cost plots to this PNG")
     p.add_argument("--plan-out", default=None, metavar="PLAN.json", help="save the calibrated plan")
     p.add_argument("--force", action="store_true", help="overwrite --plot / --plan-out files")
+    # Last, so that a policy field named like one of bench's options (Auto's calib) gets --POLICY-FIELD.
+    add_policy_flags(p)
 
 
-def run(ns: argparse.Namespace, loaded: Any, policy: Policy | Plan, check_output: Callable, write: Callable) -> int:
+def run(ns: argparse.Namespace, loaded: Any, policy: Policy | Plan) -> int:
     """The ``bench`` command once the model and policy are known."""
-    outs = [Path(p) for p in (ns.plot, ns.plan_out) if p]
-    for path in outs:
-        check_output(path, ns.force)
+    for path in (ns.plot, ns.plan_out):
+        if path:
+            check_output(path, ns.force, CLI_HINT)
     if ns.calib < 1 or ns.repeat < 1:
         raise ConfigError("--calib and --repeat must be at least 1")
     calib = [(loaded.args, loaded.kwargs)]
@@ -181,8 +180,7 @@ def run(ns: argparse.Namespace, loaded: Any, policy: Policy | Plan, check_output
         f"output error: relative L2 {result.rel_l2:.2e}, max abs {result.max_abs:.2e}"
     )
     if ns.plan_out and result.plan is not None:
-        target = Path(ns.plan_out)
-        write(target, lambda tmp: result.plan.save(tmp / target.name))
+        target = result.plan.save(ns.plan_out, ns.force, CLI_HINT)
         print(f"wrote {target}")
     elif ns.plan_out:
         raise ConfigError("--plan-out needs --policy auto (there is no plan to save)")
@@ -196,7 +194,7 @@ def run(ns: argparse.Namespace, loaded: Any, policy: Policy | Plan, check_output
                 curve.append((auto.budget, r))
         else:
             curve.append((result.rel_l2 or 1e-12, result))
-        target = Path(ns.plot)
-        write(target, lambda tmp: plot(tmp / target.name, result, curve))
+        target = write_atomically(ns.plot, lambda folder: plot(folder / Path(ns.plot).name, result, curve),
+                                  ns.force, CLI_HINT)
         print(f"wrote {target}")
     return 0

@@ -25,3 +25,23 @@ class VerificationError(AttnrwError, AssertionError):
 
 class PlanError(AttnrwError, ValueError):
     """A saved plan does not fit the model it is applied to."""
+
+
+class DynamicShapeError(AttnrwError, ValueError):
+    """An axis asked to be dynamic (``dynamic_seq``, ``--dynamic-seq``) cannot vary in this model."""
+
+
+class OutputPathError(AttnrwError, OSError):
+    """An output path cannot be written. The subclasses say why."""
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """The output file exists and overwriting it was not asked for (``force=True``, CLI ``--force``)."""
+
+
+class OutputFolderError(OutputPathError, FileNotFoundError):
+    """The folder the output file should go in does not exist."""
+
+
+class OutputIsFolderError(OutputPathError, IsADirectoryError):
+    """The output path names a folder, not a file."""

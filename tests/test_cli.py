@@ -17,6 +17,8 @@ import torch
 
 from attnrw import cli
 from attnrw.errors import ModelSpecError
+from attnrw.files import write_atomically
+from attnrw.shapes import dynamic_seq_shapes
 from tests.zoo import ZOO, outputs_to_tensors
 
 
@@ -54,6 +56,13 @@ def factory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
             def raises():
                 raise RuntimeError("boom")
+
+            class FixedLength(torch.nn.Module):
+                def forward(self, x):
+                    return x.reshape(2, 8 * 4)
+
+            def fixed_length():
+                return FixedLength(), (torch.randn(2, 8, 4),)
             """
         )
     )
@@ -263,9 +272,17 @@ def test_hf_refuses_pickled_weights(capsys: pytest.CaptureFixture[str], tmp_path
 @pytest.mark.parametrize("name", ["bert_eager", "nn_transformer_decoder"])
 def test_dynamic_seq_shapes_export(name: str) -> None:
     model, args, kwargs = ZOO[name]()
-    shapes = cli.dynamic_seq_shapes(model, args, kwargs)
+    shapes = dynamic_seq_shapes(model, args, kwargs)
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
     assert cli._dynamic_inputs(ep), "the sequence axis should stay dynamic"
+
+
+def test_dynamic_seq_on_a_fixed_length_model(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
+    """A model that fixes the sequence length is refused in one line naming the input, and nothing is written."""
+    out = factory_dir / "fixed.pt2"
+    code, _, err = run_cli(capsys, "rewrite", "clifactories:fixed_length", "-o", str(out), "--dynamic-seq")
+    assert_usage_error(code, err, "cannot vary", "x (dim 1, fixed to 8)", "--dynamic-seq")
+    assert not out.exists()
 
 
 def test_write_atomically_moves_into_place(tmp_path: Path) -> None:
@@ -275,7 +292,7 @@ def test_write_atomically_moves_into_place(tmp_path: Path) -> None:
         (tmp / "m.onnx.data").write_bytes(b"weights")
         (tmp / "m.onnx").write_bytes(b"graph")
 
-    cli.write_atomically(out, write)
+    write_atomically(out, write)
     assert out.read_bytes() == b"graph" and (tmp_path / "m.onnx.data").read_bytes() == b"weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
 
@@ -288,7 +305,7 @@ def test_write_atomically_leaves_nothing_on_failure(tmp_path: Path) -> None:
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        cli.write_atomically(out, write)
+        write_atomically(out, write)
     assert list(tmp_path.iterdir()) == []
 
 

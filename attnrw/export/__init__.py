@@ -23,13 +23,14 @@ from attnrw.export.api import (
     DEFAULT_OPSET,
     MAX_OPSET,
     MIN_OPSET,
-    OutputExistsError,
-    seq_dynamic_shapes,
     supported_opsets,
     to_onnx,
     translation_table,
 )
 from attnrw.export.verify import Comparison, verify_file
+from attnrw.errors import OutputExistsError  # re-exported: it was defined here before
+from attnrw.shapes import dynamic_seq_shapes
+from attnrw.shapes import dynamic_seq_shapes as seq_dynamic_shapes  # the name it had here
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -37,6 +38,7 @@ __all__ = [
     "MIN_OPSET",
     "Comparison",
     "OutputExistsError",
+    "dynamic_seq_shapes",
     "seq_dynamic_shapes",
     "supported_opsets",
     "to_onnx",

@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 import torch
-from torch.utils import _pytree as pytree
 
 from attnrw.config import PolicySpec
-from attnrw.policies import Dense
 from attnrw.errors import AttnrwError, ConfigError
+from attnrw.files import check_output, write_atomically
+from attnrw.policies import Dense
+from attnrw.shapes import dynamic_seq_errors, dynamic_seq_shapes
 from attnrw.export.dense import dense_translation
 from attnrw.export.merge import check_exportable as check_merge_exportable
 from attnrw.export.merge import merged_translation
@@ -34,10 +32,6 @@ logger = logging.getLogger("attnrw.export")
 MIN_OPSET = 18
 MAX_OPSET = 25
 DEFAULT_OPSET = 23
-
-
-class OutputExistsError(AttnrwError, FileExistsError):
-    """The output file exists and ``force=True`` was not given."""
 
 
 def supported_opsets() -> range:
@@ -97,47 +91,6 @@ def check_translatable(program: torch.export.ExportedProgram, table: Mapping[Any
             is_causal = node.args[4] if len(node.args) > 4 else node.kwargs.get("is_causal", False)
             mode = node.args[8] if len(node.args) > 8 else node.kwargs.get("mode", "kv")
             check_merge_exportable(str(mode), bool(is_causal))
-
-
-def seq_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> Any:
-    """``dynamic_shapes`` that make the sequence axis dynamic.
-
-    Rule: the sequence length ``S`` is dim 1 of the first tensor of rank >= 2
-    among the inputs (args, then kwargs, flattened in order); every tensor
-    input of rank >= 2 whose dim 1 equals ``S`` has its dim 1 marked dynamic
-    (``Dim.DYNAMIC``: export infers the range, e.g. a position table's limit,
-    and fails loudly rather than specialise). This covers ``input_ids``,
-    ``attention_mask``, ``token_type_ids``, ``position_ids`` (B, S) and
-    hidden states (B, S, E). Pick an example ``S`` >= 2 that no other input has
-    at dim 1 (e.g. not 3 beside images of 3 channels); give ``dynamic_shapes=``
-    explicitly for any other layout.
-    """
-    kwargs = kwargs or {}
-    leaves = [x for x in pytree.tree_leaves((tuple(args), kwargs)) if isinstance(x, torch.Tensor) and x.dim() >= 2]
-    if not leaves:
-        raise ConfigError("dynamic_seq=True needs a tensor input of rank >= 2 whose dim 1 is the sequence")
-    seq = int(leaves[0].shape[1])
-    if seq < 2:
-        raise ConfigError(
-            f"dynamic_seq=True needs example inputs with a sequence length >= 2 (got {seq}): "
-            "torch.export specialises dimensions of size 0 and 1"
-        )
-
-    def mark(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and int(x.shape[1]) == seq:
-            return {1: torch.export.Dim.DYNAMIC}
-        return None
-
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-    except (TypeError, ValueError):
-        if kwargs:
-            raise ConfigError(
-                "dynamic_seq=True could not match the inputs to the model's forward signature; "
-                "pass dynamic_shapes= explicitly"
-            ) from None
-        return tuple(pytree.tree_map(mark, a) for a in args)
-    return {name: pytree.tree_map(mark, value) for name, value in bound.items()}
 
 
 def _has_symbolic_inputs(program: torch.export.ExportedProgram) -> bool:
@@ -224,38 +177,6 @@ def _optimize(model: Any) -> None:
         onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
-def _check_destination(path: Path, force: bool) -> None:
-    if path.is_dir():
-        raise OutputExistsError(f"{path} is a directory; give a file path such as {path / 'model.onnx'}")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass force=True to overwrite it, or choose another path")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the output directory {path.parent} does not exist; create it first")
-
-
-def _publish(staging: Path, path: Path, force: bool) -> None:
-    """Move the staged files (the model and any external data) next to ``path``, the model last.
-
-    The model goes last so that no reader finds a model whose data file is
-    missing; each move is an ``os.replace`` within one directory (atomic).
-    """
-    files = sorted(p for p in staging.iterdir() if p.name != path.name) + [staging / path.name]
-    targets = [path.parent / p.name for p in files]
-    if not force:
-        taken = [t for t in targets if t.exists()]
-        if taken:
-            raise OutputExistsError(f"{', '.join(map(str, taken))} exist(s); pass force=True to overwrite")
-    moved: list[Path] = []
-    try:
-        for src, dst in zip(files, targets):
-            os.replace(src, dst)
-            moved.append(dst)
-    except BaseException:
-        for dst in moved:  # a half-published model is worse than none
-            dst.unlink(missing_ok=True)
-        raise
-
-
 def to_onnx(
     model_or_program: torch.nn.Module | torch.export.ExportedProgram,
     args: tuple,
@@ -284,14 +205,16 @@ def to_onnx(
             an ONNX form (``Sparse`` with ``topk > 0`` has none: ``ConfigError``).
         opset: ONNX opset in [18, 25], default 23. At >= 23 dense attention is
             one ``Attention`` node; below, MatMul/Softmax/MatMul.
-        dynamic_seq: make the sequence axis dynamic (rule in
-            :func:`seq_dynamic_shapes`). For a program, its own dynamic shapes
+        dynamic_seq: make the sequence axis dynamic (the rule of
+            :mod:`attnrw.shapes`; a model that fixes the length raises
+            :class:`~attnrw.errors.DynamicShapeError` naming the input). For a program, its own dynamic shapes
             are used and this only checks that it has some.
         verify: run the file in onnxruntime (CPU) on the example inputs and
             compare with the program in PyTorch; raise
             :class:`~attnrw.errors.VerificationError` beyond ``atol``
             (default 1e-4 for fp32, see ``verify.DEFAULT_ATOL``).
-        force: overwrite an existing file instead of raising :class:`OutputExistsError`.
+        force: overwrite an existing file instead of raising
+            :class:`~attnrw.errors.OutputExistsError`.
         dynamic_shapes: explicit ``torch.export`` dynamic shapes for a module
             (instead of ``dynamic_seq``).
         external_data: store weights in ``<path>.data``; ``None``: only past 2 GB.
@@ -301,8 +224,7 @@ def to_onnx(
         staged in a temporary folder beside ``path`` and moved into place last.
     """
     opset = check_opset(opset)
-    path = Path(path)
-    _check_destination(path, force)
+    path = check_output(path, force)
     args = tuple(args)
     if dynamic_seq and dynamic_shapes is not None:
         raise ConfigError("give either dynamic_seq=True or dynamic_shapes=, not both")
@@ -319,24 +241,23 @@ def to_onnx(
                 "dynamic_shapes (or pass the nn.Module to to_onnx with dynamic_seq=True)"
             )
     elif isinstance(model_or_program, torch.nn.Module):
-        import attnrw  # lazily: attnrw imports attnrw.export only on demand, not the reverse
+        from attnrw.rewriter.api import rewrite  # lazily: the rewriter does not need onnx loaded first
 
         if dynamic_seq:
-            dynamic_shapes = seq_dynamic_shapes(model_or_program, args, kwargs)
-        program = attnrw.rewrite(model_or_program, args, kwargs, policy=policy, dynamic_shapes=dynamic_shapes)
+            dynamic_shapes = dynamic_seq_shapes(model_or_program, args, kwargs)
+        with dynamic_seq_errors() if dynamic_seq else contextlib.nullcontext():
+            program = rewrite(model_or_program, args, kwargs, policy=policy, dynamic_shapes=dynamic_shapes)
     else:
         raise TypeError(f"to_onnx takes an nn.Module or an ExportedProgram, got {type(model_or_program).__name__}")
 
     onnx_program = export_program(program, args, kwargs, opset)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
-        staged = staging / path.name
+    def write(folder: Path) -> None:
+        staged = folder / path.name
         onnx_program.save(staged, external_data=external_data)
         if verify:
             verify_file(staged, program, args, kwargs, atol)
-        _publish(staging, path, force)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_atomically(path, write, force)
     logger.info("wrote %s (opset %d)", path, opset)
     return path

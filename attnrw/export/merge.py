@@ -72,6 +72,7 @@ from onnxscript import opset18 as op
 from onnxscript import opset23 as op23
 
 from attnrw.errors import ConfigError
+from attnrw.masking import MASKED_BELOW
 from attnrw.export._graph import (
     Value, const, dim, ints, masked_softmax, neg_inf_like, rank, scalar, static_dim, to_rank4, zero_like,
 )
@@ -79,9 +80,6 @@ from attnrw.export.dense import ATTENTION_OPSET
 
 #: The modes with an ONNX form (all the op has).
 EXPORTABLE_MODES = ("kv", "qkv")
-
-#: An additive mask entry at or below this marks a padding key (``attnrw.kernels.merge.plan.PADDING_THRESHOLD``).
-PADDING_THRESHOLD = -1e4
 
 _INT64_MAX = np.iinfo(np.int64).max
 _LOOP_IDS = itertools.count()  # Loop bodies are named apart: one model may hold many
@@ -205,7 +203,7 @@ def _key_padding(mask4: Value, is_bool: bool, batch: Value, n: Value) -> Value:
     if is_bool:
         forbidden = op.Not(mask4)
     else:
-        forbidden = op.LessOrEqual(mask4, op.CastLike(const(np.array(PADDING_THRESHOLD, dtype=np.float32)), mask4))
+        forbidden = op.LessOrEqual(mask4, op.CastLike(const(np.array(MASKED_BELOW, dtype=np.float32)), mask4))
     # All over heads and queries: the min of 0/1 over those axes.
     every = op.ReduceMin(op.Cast(forbidden, to=ir.DataType.INT32), ints(1, 2), keepdims=0)  # (mb, mk)
     return op.Expand(op.Cast(every, to=ir.DataType.BOOL), op.Concat(batch, n, axis=0))

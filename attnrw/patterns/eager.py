@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.fx import Node
 
+from attnrw.masking import MASKED_BELOW
 from attnrw.patterns import expr as E
 from attnrw.patterns.context import MatchContext
 from attnrw.patterns.graph import (
@@ -64,11 +65,6 @@ from attnrw.patterns.match import (
     peel_to_shape,
 )
 from attnrw.patterns.site import AttentionSite
-
-#: A fill at or below this value masks a score out: exp(-1e4) underflows in
-#: every float dtype, so adding it (instead of replacing) changes nothing
-#: except on rows where every key is masked.
-LARGE_NEGATIVE = -1e4
 
 _MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
 
@@ -208,7 +204,7 @@ class _ScoreChain:
         if t in _MASKED_FILL:
             score, mask, value = node.args[:3]
             v = _scalar(value, self.ctx)
-            if v is None or v > LARGE_NEGATIVE:
+            if v is None or v > MASKED_BELOW:
                 raise NoMatch(f"{node.name}: masked_fill value {value!r} is not a large negative constant")
             self._term(E.where(mask, v, 0.0, tensor_val(node).dtype), frame)
             return score
@@ -216,7 +212,7 @@ class _ScoreChain:
             cond, a, b = node.args[:3]
             score, (other,) = self._pick(node, [a, b])
             v = _scalar(other, self.ctx)
-            if v is None or v > LARGE_NEGATIVE:
+            if v is None or v > MASKED_BELOW:
                 raise NoMatch(f"{node.name}: where() fill {other!r} is not a large negative constant")
             dt = tensor_val(node).dtype
             self._term(E.where(cond, 0.0, v, dt) if score is a else E.where(cond, v, 0.0, dt), frame)

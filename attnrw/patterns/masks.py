@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from attnrw.masking import MASKED_BELOW
 from attnrw.patterns import expr as E
 from attnrw.patterns.context import MatchContext, Resized, Unknown, ancestors_of_all, free_symbols
 from torch.fx import Node
@@ -22,8 +23,6 @@ from torch.fx import Node
 from attnrw.patterns.graph import aten, hint, same, same_shape, shape
 from attnrw.patterns.match import NoMatch
 
-#: Scores at or below this are treated as masked out when classifying a mask.
-MASKED_BELOW = -1e4
 #: Masks larger than this (elements, after broadcasting to Sq×Sk) are not evaluated.
 MAX_EVAL_ELEMENTS = 1 << 26
 

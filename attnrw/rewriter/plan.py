@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attnrw.policies import Dense, Policy, policy_from_dict
-from attnrw.errors import PlanError
+from attnrw.errors import AttnrwError, PlanError
+from attnrw.files import write_atomically
 from attnrw.patterns.match import Match
 from attnrw.patterns.site import AttentionSite
 
@@ -51,16 +51,42 @@ class PlanEntry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PlanEntry:
+        """An entry from its JSON form; ``PlanError`` naming the field for anything malformed."""
+        if not isinstance(d, dict):
+            raise PlanError(f"a plan entry must be an object, got {_json_type(d)}; calibrate again")
+        missing = [k for k in ("site", "policy", "site_error", "flops_saved") if k not in d]
+        if missing:
+            raise PlanError(f"plan entry {d.get('site', '?')!r} is missing the field(s) {', '.join(missing)}")
+        site = _field(d, "site", str, "a plan entry")
         try:
-            return cls(
-                site=str(d["site"]),
-                policy=policy_from_dict(d["policy"]),
-                site_error=float(d["site_error"]),
-                flops_saved=float(d["flops_saved"]),
-                note=str(d.get("note", "")),
-            )
-        except KeyError as e:
-            raise PlanError(f"plan entry is missing the field {e}") from None
+            policy = policy_from_dict(d["policy"])
+        except (AttnrwError, TypeError, ValueError, KeyError) as e:
+            raise PlanError(f"plan entry {site!r}: bad policy {d['policy']!r}: {e}") from None
+        where = f"plan entry {site!r}"
+        return cls(
+            site=site,
+            policy=policy,
+            site_error=_field(d, "site_error", float, where),
+            flops_saved=_field(d, "flops_saved", float, where),
+            note=_field(d, "note", str, where) if "note" in d else "",
+        )
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+    )
+
+
+def _field(d: dict[str, Any], name: str, kind: type, where: str) -> Any:
+    """``d[name]`` as ``kind`` (``str``, or ``float`` from a JSON number); ``PlanError`` naming ``where`` otherwise."""
+    value = d[name]
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    want = "a string" if kind is str else "a number"
+    raise PlanError(f"{where}: field {name!r} must be {want}, got {_json_type(value)} ({value!r}); calibrate again")
 
 
 @dataclass
@@ -110,27 +136,32 @@ class Plan:
             raise PlanError("not an attnrw plan (missing 'format': 'attnrw.plan')")
         if d.get("version") != PLAN_VERSION:
             raise PlanError(f"plan format version {d.get('version')!r} is not supported (this attnrw reads {PLAN_VERSION})")
+        entries, notes = d.get("entries", []), d.get("notes", [])
+        if not isinstance(entries, list):
+            raise PlanError(f"the plan's 'entries' must be an array, got {_json_type(entries)}")
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise PlanError("the plan's 'notes' must be an array of strings")
+        if "budget" not in d:
+            raise PlanError("the plan is missing the field 'budget'")
+        model_error = d.get("model_error")
         return cls(
-            entries=[PlanEntry.from_dict(e) for e in d.get("entries", [])],
-            budget=float(d["budget"]),
-            model_error=d.get("model_error"),
-            notes=list(d.get("notes", [])),
+            entries=[PlanEntry.from_dict(e) for e in entries],
+            budget=_field(d, "budget", float, "the plan"),
+            model_error=None if model_error is None else _field(d, "model_error", float, "the plan"),
+            notes=list(notes),
         )
 
-    def save(self, path: str | os.PathLike, force: bool = False) -> Path:
-        """Write the plan as JSON, atomically; an existing file needs ``force=True``."""
-        path = Path(path)
-        if path.exists() and not force:
-            raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to overwrite it")
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+    def save(self, path: str | os.PathLike, force: bool = False, hint: str | None = None) -> Path:
+        """Write the plan as JSON, atomically; an existing file needs ``force=True``.
+
+        Raises :class:`~attnrw.errors.OutputExistsError` (and the other
+        :class:`~attnrw.errors.OutputPathError` kinds) for a path it cannot
+        write; ``hint`` replaces "pass force=True" in its message (the CLI
+        passes ``attnrw.files.CLI_HINT``).
+        """
+        text = json.dumps(self.to_dict(), indent=2)
+        extra = {} if hint is None else {"hint": hint}
+        return write_atomically(path, lambda folder: (folder / Path(path).name).write_text(text), force, **extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -141,6 +172,10 @@ class Plan:
             raise PlanError(f"plan file {path} does not exist") from None
         except json.JSONDecodeError as e:
             raise PlanError(f"plan file {path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"plan file {path} is not a text file; give a plan saved by Plan.save") from None
+        except OSError as e:
+            raise PlanError(f"cannot read the plan file {path}: {e.strerror or e}") from None
         return cls.from_dict(data)
 
     # -- reporting --------------------------------------------------------

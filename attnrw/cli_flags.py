@@ -1,0 +1,477 @@
+"""CLI flags generated from the policy registry: one flag per field of every registered policy.
+
+:func:`add_policy_flags` is called when a command's parser is built, so a
+policy registered (``@attnrw.policies.register_policy``) before
+:func:`attnrw.cli.main` runs gets flags like the built-in ones:
+``--window``, ``--size-bias``, ``--protect`` (a field's name with dashes for
+underscores). Fields of the same name in several policies share one flag.
+
+A flag keeps the text it was given; :func:`policy_from_flags` parses it by
+the type of the field of the policy ``--policy`` names, once that is known
+(so a shared flag parses as each policy needs):
+
+* ``int``, ``float``, ``str`` directly; ``bool`` as true/false, 1/0, yes/no;
+* ``tuple[int, ...]`` (and other tuples and lists of those) as a comma
+  list: ``--protect 0,5`` (an empty string is the empty tuple);
+* a union of those, e.g. Merge's schedules: a number, a comma list, or
+  JSON (``--ratio '{"encoder.layer.1.*": 0.5}'``);
+* ``Optional[X]`` as ``X``; ``Literal[...]`` as one of its values;
+* a ``Callable`` as ``pkg.module:fn``, which is imported;
+* anything else as JSON (a JSON object where a :class:`~attnrw.Policy` is
+  expected becomes one, through :func:`~attnrw.policy_from_dict`).
+
+Bad input, or a flag the chosen policy does not have, is a
+:class:`~attnrw.ConfigError` naming the flag, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import contextlib
+import importlib
+import json
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from attnrw.errors import ConfigError
+from attnrw.policies import FieldInfo, Policy, get_policy, policy_fields, policy_from_dict, registry
+
+__all__ = [
+    "CALLABLE_SPEC",
+    "FieldSyntax",
+    "add_policy_flags",
+    "cwd_on_path",
+    "field_syntax",
+    "flag_name",
+    "flag_table",
+    "format_value",
+    "given_flags",
+    "import_callable",
+    "parse_field",
+    "type_name",
+    "policy_from_flags",
+]
+
+#: Namespace attribute holding the policy flags given: ``{flag: text}``.
+GIVEN = "policy_flags"
+#: Namespace attribute holding the flag of each policy field: ``{policy: {field: flag}}``.
+TABLE = "policy_flag_table"
+
+#: ``pkg.module:fn``, as a Callable field and a factory MODEL are written.
+CALLABLE_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+class _BadValue(ValueError):
+    """A flag's text does not parse as its field's type (the message says what was expected)."""
+
+
+# --- parsing a field's text by its type ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldSyntax:
+    """How a flag's text becomes a field's value: ``parse(text)``, its ``metavar``, and what it ``expects``."""
+
+    parse: Callable[[str], Any]
+    metavar: str
+    expects: str
+
+
+def field_syntax(tp: Any) -> FieldSyntax:
+    """The command-line syntax of a field of type ``tp`` (see the module docstring)."""
+    tp = _strip_optional(tp)
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return FieldSyntax(_parse_bool, "{true,false}", "true or false (or 1/0, yes/no)")
+    if tp is int:
+        return FieldSyntax(_scalar(int), "N", "an int")
+    if tp is float:
+        return FieldSyntax(_scalar(float), "X", "a number")
+    if tp is str:
+        return FieldSyntax(str, "TEXT", "text")
+    if origin is typing.Literal:
+        return _literal_syntax(typing.get_args(tp))
+    if tp is collections.abc.Callable or origin is collections.abc.Callable:
+        return FieldSyntax(_import_callable, "pkg.mod:fn", "an importable pkg.module:function")
+    if origin in (tuple, list) and _comma_items(tp) is not None:
+        return _sequence_syntax(tp)
+    if _is_union(tp) and all(_simple(m) for m in typing.get_args(tp)):
+        return _union_syntax(typing.get_args(tp))
+    return FieldSyntax(lambda text: _json(text, tp), "JSON", "JSON")
+
+
+def parse_field(flag: str, info: FieldInfo, text: str) -> Any:
+    """``text`` given to ``flag`` as a value of the field ``info``; :class:`ConfigError` naming the flag if it does not parse."""
+    syntax = field_syntax(info.type)
+    try:
+        return syntax.parse(text)
+    except _BadValue as e:
+        raise ConfigError(f"{flag}: expected {syntax.expects}, got {text!r}{_detail(e)}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def _detail(e: _BadValue) -> str:
+    return f" ({e})" if str(e) else ""
+
+
+def _strip_optional(tp: Any) -> Any:
+    if _is_union(tp):
+        args = tuple(a for a in typing.get_args(tp) if a is not type(None))
+        if len(args) == 1:
+            return args[0]
+        if len(args) < len(typing.get_args(tp)):
+            return typing.Union[args]
+    return tp
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _scalar(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise _BadValue() from None
+
+    return parse
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise _BadValue()
+
+
+def _literal_syntax(values: tuple[Any, ...]) -> FieldSyntax:
+    by_text = {str(v): v for v in values}
+
+    def parse(text: str) -> Any:
+        if text not in by_text:
+            raise _BadValue()
+        return by_text[text]
+
+    shown = ",".join(by_text)
+    return FieldSyntax(parse, f"{{{shown}}}", f"one of {', '.join(by_text)}")
+
+
+#: Types whose values a comma list can spell, by their own syntax.
+_ITEM_TYPES = (int, float, str, bool)
+_PLURAL = {int: "ints", float: "numbers", str: "words", bool: "true/false values"}
+
+
+def _comma_items(tp: Any) -> tuple[Any, ...] | None:
+    """The item types of a tuple/list type spelled as a comma list (``(X,)`` for ``tuple[X, ...]``), or None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        args = args[:1]
+    if not args or not all(_strip_optional(a) in _ITEM_TYPES for a in args):
+        return None
+    return args
+
+
+def _sequence_syntax(tp: Any) -> FieldSyntax:
+    items = _comma_items(tp)
+    assert items is not None
+    variadic = typing.get_origin(tp) is list or Ellipsis in typing.get_args(tp)
+    item_syntax = [field_syntax(a) for a in items]
+    make = list if typing.get_origin(tp) is list else tuple
+
+    def parse(text: str) -> Any:
+        parts = [p.strip() for p in text.split(",")] if text.strip() else []
+        if not variadic and len(parts) != len(items):
+            raise _BadValue()
+        return make(item_syntax[0 if variadic else i].parse(p) for i, p in enumerate(parts))
+
+    one = item_syntax[0]
+    if variadic:
+        plural = _PLURAL[_strip_optional(items[0])]
+        return FieldSyntax(parse, f"{one.metavar},{one.metavar},...", f"a comma-separated list of {plural}")
+    metavar = ",".join(s.metavar for s in item_syntax)
+    return FieldSyntax(parse, metavar, f"{len(items)} comma-separated values ({metavar})")
+
+
+def _simple(member: Any) -> bool:
+    """Whether a union member has a text form here: a scalar, a sequence of scalars, a mapping."""
+    origin = typing.get_origin(member) or member
+    if member in _ITEM_TYPES or member is type(None):
+        return True
+    if origin in (tuple, list):
+        return not typing.get_args(member) or _comma_items(member) is not None
+    return origin in (dict, Mapping, collections.abc.Mapping)
+
+
+def _union_syntax(members: tuple[Any, ...]) -> FieldSyntax:
+    """A number, a word, a comma list or JSON, as the union's members allow (Merge's schedules)."""
+    origins = {typing.get_origin(m) or m for m in members}
+    numbers = [t for t in (int, float) if t in origins]
+    sequence = tuple in origins or list in origins
+    mapping = bool(origins & {dict, Mapping, collections.abc.Mapping})
+
+    def word(text: str) -> Any:
+        for kind in numbers:
+            with contextlib.suppress(ValueError):
+                return kind(text)
+        if bool in origins and text.strip().lower() in _TRUE + _FALSE:
+            return _parse_bool(text)
+        if str in origins:
+            return text
+        raise _BadValue()
+
+    def parse(text: str) -> Any:
+        stripped = text.strip()
+        if stripped[:1] in ("{", "[") and (mapping or sequence):
+            value = _json(stripped, typing.Union[members])
+            if isinstance(value, dict) and not mapping or isinstance(value, list) and not sequence:
+                raise _BadValue()
+            return tuple(value) if isinstance(value, list) and tuple in origins else value
+        if sequence and "," in stripped:
+            value = [word(p.strip()) for p in stripped.split(",")]
+            return tuple(value) if tuple in origins else value
+        return word(stripped)
+
+    spelled = ["a number" if float in numbers else "an int"] if numbers else []
+    spelled += ["true/false"] if bool in origins else []
+    spelled += ["text"] if str in origins else []
+    spelled += ["a comma-separated list (one per site)"] if sequence else []
+    spelled += ["a JSON object"] if mapping else []
+    expects = ", ".join(spelled[:-1]) + f" or {spelled[-1]}" if len(spelled) > 1 else spelled[0]
+    return FieldSyntax(parse, "VALUE", expects)
+
+
+def _json(text: str, tp: Any) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _BadValue(f"not JSON: {e.msg} at column {e.colno}") from None
+    return _policies_from_json(value, _strip_optional(tp))
+
+
+def _policies_from_json(value: Any, tp: Any) -> Any:
+    """Turn JSON objects into policies where ``tp`` expects a :class:`Policy` (alone or in a tuple/list)."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, Policy) and isinstance(value, Mapping):
+        return policy_from_dict(value)
+    if origin in (tuple, list) and isinstance(value, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item = _strip_optional(args[0]) if len(args) == 1 else Any
+        items = [_policies_from_json(v, item) for v in value]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+@contextlib.contextmanager
+def cwd_on_path() -> Iterator[None]:
+    """Put the current directory first on ``sys.path`` for an import, as ``python -m`` does."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def import_callable(spec: str, error: type[Exception] = ConfigError, context: str = "") -> Callable[..., Any]:
+    """``fn`` of ``pkg.module:fn``, imported with the current directory first on ``sys.path``.
+
+    A failed import or a missing (or not callable) ``fn`` raises ``error``
+    with a message saying which, followed by `` (context)`` when given.
+    """
+    module_name, fn_name = spec.split(":")
+    where = f" ({context})" if context else ""
+    with cwd_on_path():
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise error(
+                f"cannot import {module_name!r}{where}: {type(e).__name__}: {e} "
+                "(run from the folder that holds the package, or install it)"
+            ) from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise error(f"module {module_name!r} has no callable {fn_name!r}{where}")
+    return fn
+
+
+def _import_callable(text: str) -> Callable[..., Any]:
+    spec = text.strip()
+    if not CALLABLE_SPEC.match(spec):
+        raise _BadValue()
+    return import_callable(spec)
+
+
+# --- building the flags ------------------------------------------------------------------
+
+
+def flag_name(field: str) -> str:
+    """The flag of a policy field: ``size_bias`` -> ``--size-bias``."""
+    return "--" + field.replace("_", "-")
+
+
+def flag_table(taken: Sequence[str] = ()) -> dict[str, dict[str, str]]:
+    """``{policy: {field: flag}}`` for every registered policy.
+
+    A field's flag is :func:`flag_name` of it, shared by every policy with a
+    field of that name; where a command already has that option (``taken``,
+    e.g. ``bench``'s own ``--calib``), the field gets ``--POLICY-FIELD``.
+    """
+    taken_set = set(taken)
+    table: dict[str, dict[str, str]] = {}
+    for name, cls in registry().items():
+        table[name] = {}
+        for info in policy_fields(cls):
+            flag = flag_name(info.name)
+            if flag in taken_set:
+                flag = flag_name(f"{name}_{info.name}")
+            table[name][info.name] = flag
+    return table
+
+
+class _StoreFlag(argparse.Action):
+    """Keeps the text a policy flag was given, under ``namespace.policy_flags[flag]``, to parse later."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = dict(getattr(namespace, GIVEN, None) or {})
+        given[self.option_strings[0]] = values
+        setattr(namespace, GIVEN, given)
+
+
+def add_policy_flags(p: argparse.ArgumentParser, default: str = "dense") -> None:
+    """Add ``--policy`` and one flag per field of every registered policy to ``p``.
+
+    Call it after the command's own options, so a field whose flag one of
+    them already has gets ``--POLICY-FIELD`` instead (see :func:`flag_table`).
+    """
+    taken = list(p._option_string_actions)
+    table = flag_table(taken)
+    g = p.add_argument_group("policy (a flag that the chosen policy does not take is an error)")
+    g.add_argument("--policy", default=default, metavar="NAME",
+                   help=f"{', '.join(registry())} (default {default})")
+    owners: dict[str, list[tuple[str, FieldInfo]]] = {}
+    for name, cls in registry().items():
+        for info in policy_fields(cls):
+            owners.setdefault(table[name][info.name], []).append((name, info))
+    for flag, fields in owners.items():
+        if flag in taken:  # the qualified spelling is taken too: leave it to the command
+            continue
+        g.add_argument(flag, action=_StoreFlag, dest=GIVEN, default=None,
+                       metavar=_metavar(fields), help=_help(fields))
+    p.set_defaults(**{TABLE: table})
+
+
+def _metavar(fields: list[tuple[str, FieldInfo]]) -> str:
+    metavars = {field_syntax(info.type).metavar for _, info in fields}
+    return metavars.pop() if len(metavars) == 1 else "VALUE"
+
+
+_EMPTY = '""'
+
+
+def _help(fields: list[tuple[str, FieldInfo]]) -> str:
+    """``policies: doc (type, default)`` for each distinct doc/type/default among the fields sharing a flag."""
+    groups: dict[str, list[str]] = {}
+    for name, info in fields:
+        doc = info.doc.rstrip(".") or info.name.replace("_", " ")
+        syntax = field_syntax(info.type)
+        default = "required" if info.required else f"default {format_value(info.default) or _EMPTY}"
+        spelled = f"; give {syntax.expects}" if syntax.metavar == "VALUE" else ""
+        groups.setdefault(f"{doc} ({type_name(info.type)}, {default}{spelled})", []).append(name)
+    text = "; ".join(f"{', '.join(names)}: {desc}" for desc, names in groups.items())
+    return text.replace("%", "%%")  # argparse %-formats help
+
+
+def type_name(tp: Any) -> str:
+    """A field's type as written in Python, without module prefixes: ``tuple[int, ...] | None``."""
+    if tp is type(None):
+        return "None"
+    if tp is Ellipsis:
+        return "..."
+    if _is_union(tp):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(map(repr, args))}]"
+    if origin is not None:
+        base = getattr(origin, "__name__", str(origin))
+        if origin is collections.abc.Callable:
+            return base
+        return f"{base}[{', '.join(type_name(a) for a in args)}]" if args else base
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def format_value(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _ITEM_TYPES) for v in value):
+        return ",".join(format_value(v) for v in value)
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', value)}"
+    return str(value) if isinstance(value, (int, float, str)) else json.dumps(value, default=str)
+
+
+# --- from the parsed namespace to a policy -------------------------------------------------
+
+
+def given_flags(ns: argparse.Namespace) -> dict[str, str]:
+    """The policy flags given on the command line: ``{flag: text}``."""
+    return dict(getattr(ns, GIVEN, None) or {})
+
+
+def policy_from_flags(ns: argparse.Namespace) -> Policy:
+    """The policy ``--policy`` names, its fields set from the policy flags given.
+
+    :class:`ConfigError` for an unknown policy, a flag the policy does not
+    take (naming both), a missing required flag, or text that does not parse
+    as the field's type (naming the flag).
+    """
+    name = getattr(ns, "policy", None) or "dense"
+    cls = get_policy(name)
+    table = getattr(ns, TABLE, None) or flag_table()
+    flags = table.get(name, {})
+    by_flag = {flag: field for field, flag in flags.items()}
+    infos = {info.name: info for info in policy_fields(cls)}
+    given = given_flags(ns)
+    foreign = [flag for flag in given if flag not in by_flag]
+    if foreign:
+        fields = [_field_of(table, flag) for flag in foreign]
+        takes = ", ".join(flags.values()) or "no flags"
+        raise ConfigError(
+            f"unknown option(s) {', '.join(map(repr, fields))} for policy {name!r}: "
+            f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a flag of --policy {name} "
+            f"(it takes {takes})"
+        )
+    values = {by_flag[flag]: parse_field(flag, infos[by_flag[flag]], text) for flag, text in given.items()}
+    missing = [flags[f] for f, info in infos.items() if info.required and f not in values]
+    if missing:
+        raise ConfigError(f"--policy {name} needs {' and '.join(missing)}")
+    return policy_from_dict({"policy": name, **values})
+
+
+def _field_of(table: Mapping[str, Mapping[str, str]], flag: str) -> str:
+    """The field a flag sets (for another policy than the chosen one)."""
+    for fields in table.values():
+        for field, f in fields.items():
+            if f == flag:
+                return field
+    return flag.lstrip("-").replace("-", "_")
