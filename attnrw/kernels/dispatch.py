@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 
 from attnrw.errors import ImplementationUnavailableError
+from attnrw.kernels.common.checks import check_choice
 
 #: The implementations every op takes as ``impl``.
 IMPLS = ("auto", "torch", "triton")
@@ -40,8 +41,7 @@ def triton_blocker(device: torch.device, module: str, kernel: str) -> str | None
 
 def check_impl(impl: str, op: str) -> None:
     """``ValueError`` for an impl name that is none of ``IMPLS``."""
-    if impl not in IMPLS:
-        raise ValueError(f"{op}: impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    check_choice(op, "impl", impl, IMPLS)
 
 
 def choose(impl: str, device: torch.device, *, op: str, torch_fn: F, module: str, attr: str, kernel: str) -> F:

@@ -1,15 +1,17 @@
 """Registration of ``attnrw::attention`` and its backward as torch custom ops.
 
 The backward is an op of its own so that AOTAutograd, Inductor and
-``torch.export`` see one opaque call and the CPU implementation can use
-PyTorch's fused SDPA backward.
+``torch.export`` see one opaque call
+(:func:`attnrw.kernels.common.autograd.register_backward`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from attnrw.kernels.attention.reference import attention_grads, dense_attention
+from attnrw.kernels.common.autograd import register_backward
+from attnrw.kernels.common.dense import attention_grads, dense_attention
+from attnrw.kernels.common.layout import empty_sdpa_layout, sdpa_layout
 
 
 @torch.library.custom_op("attnrw::attention", mutates_args=())
@@ -27,16 +29,6 @@ def attention(
     so the usual ``transpose(1, 2)`` that follows is contiguous.
     """
     return sdpa_layout(dense_attention(q, k, v, attn_mask, is_causal, scale))
-
-
-def sdpa_layout(out: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, D) values in (B, S, H, D) memory order; free when already so."""
-    return out.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def empty_sdpa_layout(q: torch.Tensor, v_dim: int) -> torch.Tensor:
-    b, h, s, _ = q.shape
-    return q.new_empty((b, s, h, v_dim)).transpose(1, 2)
 
 
 @attention.register_fake
@@ -62,26 +54,4 @@ def attention_backward(
     return attention_grads(grad_out, q, k, v, attn_mask, is_causal, scale, mask_grad)
 
 
-@attention_backward.register_fake
-def _attention_backward_fake(grad_out, q, k, v, attn_mask, is_causal, scale, mask_grad):
-    dm = torch.empty_like(attn_mask) if (mask_grad and attn_mask is not None) else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dm
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, is_causal, scale = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.is_causal = is_causal
-    ctx.scale = scale
-
-
-def _backward(ctx, grad_out):
-    q, k, v, attn_mask = ctx.saved_tensors
-    mask_grad = bool(
-        attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3]
-    )
-    dq, dk, dv, dm = attention_backward(grad_out, q, k, v, attn_mask, ctx.is_causal, ctx.scale, mask_grad)
-    return dq, dk, dv, (dm if mask_grad else None), None, None
-
-
-attention.register_autograd(_backward, setup_context=_setup_context)
+register_backward(attention, attention_backward)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attnrw.kernels.sparse.layout import cdiv
-from attnrw.kernels.sparse.layout import check_inputs as _check_tensors
+from attnrw.kernels.common.checks import SELF_ATTENTION, check_aligned, check_at_least, check_choice, check_mask, check_qkv
+from attnrw.kernels.common.shapes import cdiv
 
 POOLINGS = ("mean", "query")
 
@@ -40,15 +40,13 @@ def check_inputs(
     v (batch, kv_heads, S, v_dim), ``heads % kv_heads == 0``, q_len == kv_len;
     ``attn_mask`` bool or float, broadcastable to (batch, heads, S, S).
     """
-    try:
-        # The tensor rules are the sparse op's (same aligned-sequence contract): one check for both.
-        _check_tensors(q, k, v, attn_mask, recent, sinks, 0, block_size)
-    except ValueError as e:
-        raise ValueError(str(e).replace("sparse_attention", "condensed_attention").replace("window", "recent")) from None
-    if group < 1:
-        raise ValueError(f"condensed_attention: group must be >= 1, got {group}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"condensed_attention: pooling must be one of {', '.join(map(repr, POOLINGS))}, got {pooling!r}")
+    op = "condensed_attention"
+    check_qkv(op, q, k, v)
+    check_aligned(op, q, k, *SELF_ATTENTION)
+    check_at_least(op, recent=(recent, 1), group=(group, 1), sinks=(sinks, 0), block_size=(block_size, 1))
+    check_choice(op, "pooling", pooling, POOLINGS)
+    batch, heads, seq, _ = q.shape
+    check_mask(op, attn_mask, (batch, heads, seq, seq))
 
 
 def num_groups(seq_len: int, sinks: int, group: int) -> int:

@@ -11,9 +11,11 @@ The output is laid out in memory as (batch, S, heads, Dv), as SDPA and
 ``attnrw::attention`` return it, so the usual ``transpose(1, 2)`` that
 follows is contiguous.
 
-The backward is an op of its own (autograd is off inside a custom op's
-implementation) and always runs the PyTorch recomputation with explicit
-gradient formulas, whichever implementation ran the forward.
+The backward is an op of its own, registered as the autograd formula by
+:func:`attnrw.kernels.common.autograd.register_backward`; it always runs the
+PyTorch recomputation with explicit gradient formulas
+(:mod:`attnrw.kernels.condense.grads`), whichever implementation ran the
+forward.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Callable
 
 import torch
 
-from attnrw.kernels.dispatch import check_impl, choose
-from attnrw.kernels.attention.op import empty_sdpa_layout, sdpa_layout
+from attnrw.kernels.common.autograd import register_backward
+from attnrw.kernels.common.layout import empty_sdpa_layout, sdpa_layout
+from attnrw.kernels.condense.grads import condensed_attention_grads
 from attnrw.kernels.condense.layout import check_inputs
-from attnrw.kernels.condense.reference import condensed_attention_grads, condensed_attention_torch
+from attnrw.kernels.condense.reference import condensed_attention_torch
+from attnrw.kernels.dispatch import check_impl, choose
 
 
 def resolve_impl(impl: str, device: torch.device) -> Callable[..., torch.Tensor]:
@@ -95,25 +99,4 @@ def condensed_attention_backward(
     )
 
 
-@condensed_attention_backward.register_fake
-def _condensed_attention_backward_fake(
-    grad_out, q, k, v, attn_mask, is_causal, scale, recent, group, sinks, pooling, size_bias, block_size, mask_grad
-):
-    dm = torch.empty_like(attn_mask) if (mask_grad and attn_mask is not None) else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dm
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, *args, _impl = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.args = tuple(args)
-
-
-def _backward(ctx, grad_out):
-    q, k, v, attn_mask = ctx.saved_tensors
-    mask_grad = bool(attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3])
-    dq, dk, dv, dm = condensed_attention_backward(grad_out, q, k, v, attn_mask, *ctx.args, mask_grad)
-    return (dq, dk, dv, (dm if mask_grad else None)) + (None,) * 9
-
-
-condensed_attention.register_autograd(_backward, setup_context=_setup_context)
+register_backward(condensed_attention, condensed_attention_backward)

@@ -3,8 +3,10 @@
 Same signature and rule as
 :func:`attnrw.kernels.condense.reference.condensed_attention_torch`. The
 summaries are pooled on the host in PyTorch
-(:func:`~attnrw.kernels.condense.reference.summary_tables`: a few batched
-matmuls); the kernel then does the attention. One program handles a tile of
+(:func:`~attnrw.kernels.condense.summaries.summary_tables`: a few batched
+matmuls, the pooling the PyTorch path runs); the kernel then does the
+attention, every run folded in by the one attend loop,
+:func:`attnrw.kernels.common.triton.attend_span`. One program handles a tile of
 ``BLOCK_M`` queries inside one query block (of ``block_size``) for one
 (batch, head) and visits, with one online softmax (fp32 accumulation):
 
@@ -26,111 +28,14 @@ the Triton implementation is asked for; ``import attnrw`` never imports it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from attnrw.kernels.common.shapes import as_4d, cdiv
+from attnrw.kernels.common.triton import LOG2E, attend_span, block_tile, load_rows, mask_operand, store_rows, tiles
 from attnrw.kernels.condense.layout import Geometry, check_inputs, query_bounds
-from attnrw.kernels.condense.reference import row_groups, summary_tables
-from attnrw.kernels.sparse.layout import cdiv
-from attnrw.kernels.sparse.triton import LOG2E, pow2_at_least
-
-
-@triton.jit
-def _log2_units(x):
-    """Additive mask values in log2 units. Values at or below -1e38 (``finfo.min`` masks) stay as
-    they are: scaled they would overflow to -inf, and a row masked only that way would see
-    nothing instead of attending uniformly as SDPA does."""
-    return tl.where(x > -1.0e38, tl.maximum(x, -1.0e38) * 1.4426950408889634, x)
-
-
-@triton.jit
-def _attend_span(
-    acc,
-    m_i,
-    l_i,
-    q,
-    offs_m,
-    row_ok,
-    start,
-    stop,
-    lo,
-    hi,
-    k_ptr,
-    v_ptr,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    mask_ptr,
-    stride_mm,
-    stride_mn,
-    bias_ptr,
-    stride_bn,
-    head_dim,
-    v_dim,
-    qk_scale,
-    HAS_MASK: tl.constexpr,
-    MASK_IS_BOOL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    V_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
-    """Fold entries [start, stop) of a key/value run into the running softmax of one query tile.
-
-    Entry j counts for row i when lo[i] <= j <= hi[i], the user mask allows
-    (i, j) (HAS_MASK) and its bias is not -inf (HAS_BIAS: one additive value
-    per entry, e.g. a summary's). Scores are in log2 units (qk_scale
-    includes log2(e)) so the exponentials are exp2.
-    """
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, V_DIM)
-    for n0 in range(start, stop, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < stop
-        kt = tl.load(
-            k_ptr + offs_d[:, None] * stride_kd + offs_n[None, :].to(tl.int64) * stride_kn,
-            mask=(offs_d[:, None] < head_dim) & col_ok[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        ok = row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_n * stride_bn, mask=col_ok, other=float("-inf"))
-            ok = ok & (b > float("-inf"))[None, :]
-            s = s + _log2_units(b)[None, :]
-        if HAS_MASK:
-            mv = tl.load(
-                mask_ptr + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn, mask=ok, other=0
-            )
-            if MASK_IS_BOOL:
-                ok = ok & (mv != 0)
-            else:
-                s = s + _log2_units(mv.to(tl.float32))
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing seen yet keeps m = -inf; shift by 0 then, not by -inf (NaN).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(
-            v_ptr + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
-            mask=col_ok[:, None] & (offs_dv[None, :] < v_dim),
-            other=0.0,
-        )
-        if DOT_FP32:
-            vt = vt.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
+from attnrw.kernels.condense.summaries import row_groups, summary_tables
 
 
 @triton.jit
@@ -208,26 +113,15 @@ def _condensed_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """Grid: (query tiles, batch * heads). Tile ``pid`` is sub-tile ``pid % tiles_per_block`` of query block ``pid // tiles_per_block``."""
+    """Grid: (query tiles, batch * heads); see :func:`attnrw.kernels.common.triton.block_tile`."""
     pid = tl.program_id(0)
     zh = tl.program_id(1)
     z = (zh // heads).to(tl.int64)
     h = (zh % heads).to(tl.int64)
     kvh = h // group_q
     th = h // table_group  # the head whose summaries this head reads
-    qb = pid // tiles_per_block
-    row0 = qb * block_size + (pid % tiles_per_block) * BLOCK_M
-    blk_stop = tl.minimum(qb * block_size + block_size, seq_len)
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < blk_stop
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        Q + z * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & (offs_d[None, :] < head_dim),
-        other=0.0,
-    )
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    qb, row0, offs_m, row_ok = block_tile(pid, block_size, seq_len, tiles_per_block, BLOCK_M)
+    q = load_rows(Q + z * stride_qz + h * stride_qh, offs_m, row_ok, stride_qm, stride_qd, head_dim, HEAD_DIM, DOT_FP32)
     k_ptr = K + z * stride_kz + kvh * stride_kh
     v_ptr = V + z * stride_vz + kvh * stride_vh
     mask_ptr = Mask + z * stride_mz + h * stride_mh
@@ -247,7 +141,7 @@ def _condensed_fwd_kernel(
         sink_hi = offs_m
     else:
         sink_hi = zero + n_sinks - 1
-    acc, m_i, l_i = _attend_span(
+    acc, m_i, l_i = attend_span(
         acc, m_i, l_i, q, offs_m, row_ok, 0, n_sinks, zero, sink_hi,
         k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, TB, 0,
         head_dim, v_dim, qk_scale, HAS_MASK, MASK_IS_BOOL, False, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
@@ -258,13 +152,13 @@ def _condensed_fwd_kernel(
     tb_ptr = TB + z * stride_tbz + h * stride_tbh + qb * stride_tbq
     rg_ptr = RG + z * stride_rz + h * stride_rh  # which groups each query's own mask row allows
     before_stop = tl.max(tl.where(row_ok, glo, 0), 0)
-    acc, m_i, l_i = _attend_span(
+    acc, m_i, l_i = attend_span(
         acc, m_i, l_i, q, offs_m, row_ok, 0, before_stop, zero, glo - 1,
         tk_ptr, tv_ptr, stride_tkn, stride_tkd, stride_tvn, stride_tvd, rg_ptr, stride_rm, stride_rn, tb_ptr, stride_tbn,
         head_dim, v_dim, qk_scale, HAS_ROWS, True, True, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
     )  # fmt: skip
     after_start = tl.min(tl.where(row_ok, ghi, num_groups - 1), 0) + 1
-    acc, m_i, l_i = _attend_span(
+    acc, m_i, l_i = attend_span(
         acc, m_i, l_i, q, offs_m, row_ok, after_start, num_groups, ghi + 1, zero + num_groups - 1,
         tk_ptr, tv_ptr, stride_tkn, stride_tkd, stride_tvn, stride_tvd, rg_ptr, stride_rm, stride_rn, tb_ptr, stride_tbn,
         head_dim, v_dim, qk_scale, HAS_ROWS, True, True, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
@@ -272,20 +166,14 @@ def _condensed_fwd_kernel(
     # 3. Exact keys.
     exact_start = tl.min(tl.where(row_ok, xs, seq_len), 0)
     exact_stop = tl.max(tl.where(row_ok, xe, -1), 0) + 1
-    acc, m_i, l_i = _attend_span(
+    acc, m_i, l_i = attend_span(
         acc, m_i, l_i, q, offs_m, row_ok, exact_start, exact_stop, xs, xe,
         k_ptr, v_ptr, stride_kn, stride_kd, stride_vn, stride_vd, mask_ptr, stride_mm, stride_mn, TB, 0,
         head_dim, v_dim, qk_scale, HAS_MASK, MASK_IS_BOOL, False, BLOCK_N, HEAD_DIM, V_DIM, DOT_PRECISION, DOT_FP32,
     )  # fmt: skip
 
     # Rows that saw no key (only through the user mask) output 0.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    offs_dv = tl.arange(0, V_DIM)
-    tl.store(
-        Out + z * stride_oz + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-        out.to(Out.dtype.element_ty),
-        mask=row_ok[:, None] & (offs_dv[None, :] < v_dim),
-    )
+    store_rows(Out + z * stride_oz + h * stride_oh, acc, l_i, offs_m, row_ok, stride_om, stride_od, v_dim, V_DIM)
 
 
 def _strides(t: torch.Tensor, broadcast: tuple[bool, ...]) -> list[int]:
@@ -336,27 +224,15 @@ def condensed_attention_triton(
     tv_strides = _strides(tv, (False, False, tv.shape[2] == 1, False, False))
     tb_strides = _strides(tb, (False, tb.shape[1] == 1, tb.shape[2] == 1, False))
     rows_t, rows_strides = q, (0, 0, 0, 0)
-    if attn_mask is None:
-        mask_t, mask_strides, is_bool = q, (0, 0, 0, 0), False
-    else:
-        m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        m4 = m4.expand(batch, heads, seq_len, seq_len)  # a view: broadcast dims get stride 0
-        is_bool = m4.dtype == torch.bool
-        mask_t = m4.view(torch.uint8) if is_bool else m4
-        mask_strides = mask_t.stride()
-        m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    mask_t, mask_strides, is_bool = mask_operand(attn_mask, q, (batch, heads, seq_len, seq_len))
+    if attn_mask is not None:
+        m4 = as_4d(attn_mask)
         rows = [row_groups(m4[b], geo) for b in range(m4.shape[0])]
         if rows[0] is not None and ng:
             rows_t = torch.stack(rows).view(torch.uint8)
             rows_strides = _strides(rows_t, tuple(n == 1 for n in rows_t.shape))
-
-    # Triton's interpreter multiplies the raw bits of bfloat16 dot operands (triton#11584,
-    # "not supported yet"): there, and only there, run the dots in fp32 (exact upcast).
-    dot_fp32 = q.dtype == torch.bfloat16 and q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    block_m = min(pow2_at_least(block_size, 16), 64)
-    head_dim_p, v_dim_p = pow2_at_least(head_dim, 16), pow2_at_least(v_dim, 16)
-    block_n = 64 if max(head_dim_p, v_dim_p) <= 64 else 32
-    tiles_per_block = cdiv(block_size, block_m)
+    cfg = tiles(q, block_size, head_dim, v_dim)
+    tiles_per_block = cdiv(block_size, cfg.block_m)
     num_blocks = cdiv(seq_len, block_size)
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -372,13 +248,6 @@ def condensed_attention_triton(
         HAS_MASK=attn_mask is not None,
         MASK_IS_BOOL=is_bool,
         HAS_ROWS=rows_t is not q,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        HEAD_DIM=head_dim_p,
-        V_DIM=v_dim_p,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or dot_fp32 else "tf32",
-        DOT_FP32=dot_fp32,
-        num_warps=4,
-        num_stages=2,
+        **cfg.meta(),
     )  # fmt: skip
     return out

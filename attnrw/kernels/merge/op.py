@@ -8,18 +8,19 @@ averaging, bias) is PyTorch ops either way. An explicit ``"triton"`` that
 cannot run raises :class:`~attnrw.errors.ImplementationUnavailableError`;
 it never falls back.
 
-The backward is an op of its own (autograd is off inside a custom op's
-implementation) and always runs the PyTorch recomputation with explicit
-math, whichever implementation ran the forward.
+The backward is an op of its own, registered as the autograd formula by
+:func:`attnrw.kernels.common.autograd.register_backward`; it always runs the
+PyTorch recomputation with explicit math, whichever implementation ran the
+forward.
 """
 
 from __future__ import annotations
 
-
 import torch
 
+from attnrw.kernels.common.autograd import register_backward
+from attnrw.kernels.common.layout import empty_sdpa_layout
 from attnrw.kernels.dispatch import check_impl, choose
-from attnrw.kernels.attention.op import empty_sdpa_layout
 from attnrw.kernels.merge.plan import check_inputs
 from attnrw.kernels.merge.reference import Attend, attend_torch, merged_attention_grads, merged_attention_torch
 
@@ -100,23 +101,4 @@ def merged_attention_backward(
     return merged_attention_grads(grad_out, q, k, v, attn_mask, is_causal, scale, ratio, r, mode, protect, mask_grad)
 
 
-@merged_attention_backward.register_fake
-def _merged_attention_backward_fake(grad_out, q, k, v, attn_mask, is_causal, scale, ratio, r, mode, protect, mask_grad):
-    dm = torch.empty_like(attn_mask) if (mask_grad and attn_mask is not None) else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dm
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, is_causal, scale, ratio, r, mode, protect, _impl = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.args = (is_causal, scale, ratio, r, mode, protect)
-
-
-def _backward(ctx, grad_out):
-    q, k, v, attn_mask = ctx.saved_tensors
-    mask_grad = bool(attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3])
-    dq, dk, dv, dm = merged_attention_backward(grad_out, q, k, v, attn_mask, *ctx.args, mask_grad)
-    return dq, dk, dv, (dm if mask_grad else None), None, None, None, None, None, None, None
-
-
-merged_attention.register_autograd(_backward, setup_context=_setup_context)
+register_backward(merged_attention, merged_attention_backward)

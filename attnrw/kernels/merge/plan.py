@@ -50,6 +50,9 @@ from dataclasses import dataclass
 
 import torch
 
+from attnrw.kernels.common.checks import check_aligned, check_choice, check_mask, check_qkv
+from attnrw.kernels.common.shapes import as_4d
+
 #: An additive mask entry at or below this forbids the key (HF uses finfo.min or -1e4..-1e9).
 PADDING_THRESHOLD = -1e4
 
@@ -74,55 +77,31 @@ def check_inputs(
     bool or float, broadcastable to (batch, heads, q_len, kv_len). ``"qkv"``
     needs q_len == kv_len.
     """
+    op = "merged_attention"
     if is_causal:
         raise ValueError(
-            "merged_attention does not support is_causal=True: merging keys across positions breaks "
+            f"{op} does not support is_causal=True: merging keys across positions breaks "
             "causality; keep causal attention dense"
         )
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"merged_attention expects 4-D q, k, v (batch, heads, seq, dim); got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    batch, heads, q_len, head_dim = q.shape
-    kv_len = k.shape[-2]
-    if k.shape[:3] != v.shape[:3] or k.shape[0] != batch or k.shape[-1] != head_dim:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
-    if k.shape[1] == 0 or heads % k.shape[1]:
-        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({k.shape[1]})")
-    if mode not in MODES:
-        raise ValueError(f"merged_attention: mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    if mode == "qkv" and q_len != kv_len:
-        raise ValueError(
-            f"merged_attention mode 'qkv' merges queries and keys as one token set, so it needs "
-            f"q_len == kv_len; got {q_len} and {kv_len}. Use mode 'kv' for cross-attention."
+    check_qkv(op, q, k, v)
+    check_choice(op, "mode", mode, MODES)
+    if mode == "qkv":
+        check_aligned(
+            f"{op} mode 'qkv'", q, k, "merges queries and keys as one token set", "Use mode 'kv' for cross-attention."
         )
     if r < -1:
-        raise ValueError(f"merged_attention: r must be >= 0, or -1 to use ratio; got {r}")
+        raise ValueError(f"{op}: r must be >= 0, or -1 to use ratio; got {r}")
     if r == -1 and not (0.0 <= ratio < 1.0):
-        raise ValueError(f"merged_attention: ratio must be in [0, 1), got {ratio}")
+        raise ValueError(f"{op}: ratio must be in [0, 1), got {ratio}")
     if any(p < 0 for p in protect):
-        raise ValueError(f"merged_attention: protect lists token positions >= 0, got {list(protect)}")
-    if attn_mask is not None:
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise ValueError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
-        want = (batch, heads, q_len, kv_len)
-        if attn_mask.dim() > 4 or any(m not in (1, w) for m, w in zip(attn_mask.shape, want[4 - attn_mask.dim():])):
-            raise ValueError(
-                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                f"(batch, heads, q_len, kv_len) = {want}"
-            )
+        raise ValueError(f"{op}: protect lists token positions >= 0, got {list(protect)}")
+    check_mask(op, attn_mask, (*q.shape[:3], k.shape[-2]))
 
 
 def merge_count(num_tokens: int, ratio: float, r: int) -> int:
     """Tokens asked to be merged away: ``r``, or ``round(ratio · N)`` (halves up) when ``r == -1``."""
     want = r if r >= 0 else math.floor(ratio * num_tokens + 0.5)
     return max(0, min(want, num_tokens))
-
-
-def as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
-    """A view of the mask with leading size-1 dims up to 4-D."""
-    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
 
 
 def key_padding(attn_mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:

@@ -43,9 +43,10 @@ from typing import Callable
 
 import torch
 
-from attnrw.kernels.attention.op import sdpa_layout
-from attnrw.kernels.attention.reference import reduce_to_shape, attention_grads, dense_attention
-from attnrw.kernels.merge.plan import MergePlan, as_4d, check_inputs, merge_plan
+from attnrw.kernels.common.dense import attention_grads, dense_attention
+from attnrw.kernels.common.layout import sdpa_layout
+from attnrw.kernels.common.shapes import acc_dtype, additive, as_4d, reduce_to_shape
+from attnrw.kernels.merge.plan import MergePlan, check_inputs, merge_plan
 
 #: Attention on (possibly merged) tensors: (q, k, v, mask or bias, scale) -> (batch, heads, q_len, v_dim).
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
@@ -56,10 +57,6 @@ def attend_torch(
 ) -> torch.Tensor:
     """Attention with an additive bias (or bool mask) through SDPA; what ``attnrw::attention`` runs."""
     return dense_attention(q, k, v, bias, False, scale)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
@@ -122,9 +119,7 @@ def _restore_grad(g: torch.Tensor, plan: MergePlan, flat: torch.Tensor) -> torch
 def additive_mask(attn_mask: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """The mask as a 4-D additive tensor (bool: 0 / -inf) in ``acc``."""
     m4 = as_4d(attn_mask)
-    if m4.dtype == torch.bool:
-        return torch.zeros(m4.shape, dtype=acc, device=m4.device).masked_fill_(~m4, float("-inf"))
-    return m4.to(acc)
+    return additive(m4, acc) if m4.dtype == torch.bool else m4.to(acc)
 
 
 def key_logsumexp(madd: torch.Tensor, plan: MergePlan) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,10 +54,12 @@ from __future__ import annotations
 
 import torch
 
-from attnrw.kernels.attention.op import empty_sdpa_layout, sdpa_layout
+from attnrw.kernels.common.checks import check_aligned, check_mask, check_qkv
+from attnrw.kernels.common.layout import empty_sdpa_layout, sdpa_layout
+from attnrw.kernels.common.shapes import acc_dtype
 from attnrw.kernels.merge.op import resolve_attend
-from attnrw.kernels.merge.plan import MergePlan, as_4d, exact_count, merge_plan
-from attnrw.kernels.merge.reference import acc_dtype, additive_mask, key_logsumexp, mean_rows, merge_rows, zero_unseen
+from attnrw.kernels.merge.plan import MergePlan, exact_count, merge_plan
+from attnrw.kernels.merge.reference import additive_mask, key_logsumexp, mean_rows, merge_rows, zero_unseen
 from attnrw.kernels.merge.reference import merge_tokens as _merge
 
 _STATE = "Tensor? index, Tensor? sizes"
@@ -68,38 +70,21 @@ def _check_state(
     index: torch.Tensor | None, sizes: torch.Tensor | None,
 ) -> int:
     """Raise ``ValueError`` for inputs ``tokens_attention`` does not define; returns N."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"tokens_attention expects 4-D q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    batch, heads, t, d = q.shape
-    if k.shape[0] != batch or k.shape[2] != t or k.shape[3] != d or v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"tokens_attention merges one token set: q {tuple(q.shape)}, k {tuple(k.shape)} and v "
-            f"{tuple(v.shape)} must share batch and length"
-        )
-    if k.shape[1] == 0 or heads % k.shape[1]:
-        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({k.shape[1]})")
+    op = "tokens_attention"
+    check_qkv(op, q, k, v)
+    check_aligned(op, q, k, "merges one token set (q, k and v share their length)", "Keep cross-attention dense.")
+    batch, heads, t, _ = q.shape
     if (index is None) != (sizes is None):
-        raise ValueError("tokens_attention: give both index and sizes (a token state) or neither")
+        raise ValueError(f"{op}: give both index and sizes (a token state) or neither")
     n = t
     if index is not None and sizes is not None:
         if index.dim() != 2 or index.shape[0] != batch or sizes.shape != (batch, t):
             raise ValueError(
-                f"tokens_attention: index {tuple(index.shape)} must be (batch, N) and sizes "
+                f"{op}: index {tuple(index.shape)} must be (batch, N) and sizes "
                 f"{tuple(sizes.shape)} (batch, T) = ({batch}, {t})"
             )
         n = index.shape[1]
-    if attn_mask is not None:
-        m4 = as_4d(attn_mask)
-        if attn_mask.dim() > 4 or m4.shape[2] not in (1, n) or m4.shape[3] != n or m4.shape[0] not in (1, batch) \
-                or m4.shape[1] not in (1, heads):
-            raise ValueError(
-                f"tokens_attention: attn_mask {tuple(attn_mask.shape)} must be in the original token space, "
-                f"broadcastable to (batch, heads, N, N) = ({batch}, {heads}, {n}, {n})"
-            )
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise ValueError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    check_mask(op, attn_mask, (batch, heads, n, n), "the original token space (batch, heads, N, N)")
     return n
 
 

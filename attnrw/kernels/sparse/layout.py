@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from attnrw.kernels.common.checks import SELF_ATTENTION, check_aligned, check_at_least, check_mask, check_qkv
+from attnrw.kernels.common.shapes import block_means, cdiv
 
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division of non-negative ints."""
-    return -(-a // b)
-
+__all__ = ["band_bounds", "band_reach", "candidate_blocks", "cdiv", "check_inputs", "select_blocks"]
 
 def check_inputs(
     q: torch.Tensor,
@@ -35,39 +34,14 @@ def check_inputs(
 
     q (batch, heads, S, head_dim), k (batch, kv_heads, S, head_dim),
     v (batch, kv_heads, S, v_dim), ``heads % kv_heads == 0``; ``attn_mask``
-    broadcastable to (batch, heads, S, S).
+    bool or float, broadcastable to (batch, heads, S, S).
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"sparse_attention expects 4-D q, k, v (batch, heads, seq, dim); got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    batch, heads, q_len, head_dim = q.shape
-    if q_len != k.shape[-2]:
-        raise ValueError(
-            f"sparse_attention needs q_len == kv_len (aligned self-attention); got q_len={q_len}, "
-            f"kv_len={k.shape[-2]}. Use dense attention for cross-attention or KV-cache decoding."
-        )
-    if k.shape[:2] != v.shape[:2] or k.shape[-2] != v.shape[-2] or k.shape[0] != batch:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
-    if k.shape[-1] != head_dim:
-        raise ValueError(f"q and k head_dim differ: {head_dim} vs {k.shape[-1]}")
-    if k.shape[1] == 0 or heads % k.shape[1]:
-        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({k.shape[1]})")
-    for name, value, lo in (("window", window, 1), ("sinks", sinks, 0), ("topk", topk, 0), ("block_size", block_size, 1)):
-        if value < lo:
-            raise ValueError(f"sparse_attention: {name} must be >= {lo}, got {value}")
-    if attn_mask is not None:
-        if attn_mask.dim() > 4:
-            raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(attn_mask.shape)}")
-        want = (batch, heads, q_len, q_len)[4 - attn_mask.dim():]
-        if any(m not in (1, w) for m, w in zip(attn_mask.shape, want)):
-            raise ValueError(
-                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                f"(batch, heads, q_len, kv_len) = {(batch, heads, q_len, q_len)}"
-            )
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise ValueError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    op = "sparse_attention"
+    check_qkv(op, q, k, v)
+    check_aligned(op, q, k, *SELF_ATTENTION)
+    check_at_least(op, window=(window, 1), sinks=(sinks, 0), topk=(topk, 0), block_size=(block_size, 1))
+    batch, heads, seq, _ = q.shape
+    check_mask(op, attn_mask, (batch, heads, seq, seq))
 
 
 def band_reach(seq_len: int, block_size: int, window: int, is_causal: bool) -> tuple[int, int]:
@@ -118,19 +92,6 @@ def candidate_blocks(seq_len: int, block_size: int, window: int, sinks: int, is_
     if is_causal:
         cand &= torch.ones_like(cand).tril()
     return cand
-
-
-def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(batch, heads, S, dim) -> (batch, heads, nb, dim): fp32 mean of each block over its real rows."""
-    seq_len = x.shape[-2]
-    nb = cdiv(seq_len, block_size)
-    x = x.float()
-    pad = nb * block_size - seq_len
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    sums = x.unflatten(-2, (nb, block_size)).sum(-2)
-    counts = (torch.arange(nb, device=x.device) * block_size).neg_().add_(seq_len).clamp_(max=block_size)
-    return sums / counts[:, None].to(sums.dtype)
 
 
 def select_blocks(

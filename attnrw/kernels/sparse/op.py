@@ -7,9 +7,9 @@ asked for), ``"auto"`` Triton on CUDA tensors when triton imports, PyTorch
 otherwise. An explicit ``"triton"`` that cannot run raises
 :class:`~attnrw.errors.ImplementationUnavailableError`; it never falls back.
 
-The backward is an op of its own (autograd is off inside a custom op's
-implementation) and always runs the PyTorch recomputation, whichever
-implementation ran the forward.
+The backward is an op of its own, registered as the autograd formula by
+:func:`attnrw.kernels.common.autograd.register_backward`; it always runs the
+PyTorch recomputation, whichever implementation ran the forward.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Callable
 
 import torch
 
+from attnrw.kernels.common.autograd import register_backward
 from attnrw.kernels.dispatch import check_impl, choose
 from attnrw.kernels.sparse.layout import check_inputs
 from attnrw.kernels.sparse.reference import sparse_attention_grads, sparse_attention_torch
-
 
 
 def resolve_impl(impl: str, device: torch.device) -> Callable[..., torch.Tensor]:
@@ -83,25 +83,4 @@ def sparse_attention_backward(
     )
 
 
-@sparse_attention_backward.register_fake
-def _sparse_attention_backward_fake(
-    grad_out, q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size, mask_grad
-):
-    dm = torch.empty_like(attn_mask) if (mask_grad and attn_mask is not None) else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dm
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size, _impl = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
-    ctx.args = (is_causal, scale, window, sinks, topk, block_size)
-
-
-def _backward(ctx, grad_out):
-    q, k, v, attn_mask = ctx.saved_tensors
-    mask_grad = bool(attn_mask is not None and attn_mask.is_floating_point() and ctx.needs_input_grad[3])
-    dq, dk, dv, dm = sparse_attention_backward(grad_out, q, k, v, attn_mask, *ctx.args, mask_grad)
-    return dq, dk, dv, (dm if mask_grad else None), None, None, None, None, None, None, None
-
-
-sparse_attention.register_autograd(_backward, setup_context=_setup_context)
+register_backward(sparse_attention, sparse_attention_backward)

@@ -48,9 +48,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from attnrw.kernels.sparse.layout import band_reach, cdiv, check_inputs, select_blocks
+from attnrw.kernels.common.dense import dense_attention
+from attnrw.kernels.common.shapes import acc_dtype, additive, as_4d, blocked, cdiv, mask_grad_out, per_head, ranges
+from attnrw.kernels.common.spans import Part, add_user_mask, attend_part, merge_partials, scatter_mask_grad
+from attnrw.kernels.sparse.layout import band_reach, check_inputs, select_blocks
 
 #: Bytes of block rows (the copy of K and V) one chunk of work may hold; see _chunks.
 _CHUNK_BYTES = 16 << 20
@@ -167,46 +169,13 @@ def _window_layout(geo: _Geometry, device: torch.device) -> tuple[torch.Tensor, 
 
 
 @functools.lru_cache(maxsize=16)
-def _window_bias(geo: _Geometry, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _windowadditive(geo: _Geometry, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The window's allowed mask as an additive 0 / -inf mask (nb, bs, L_window) in ``dtype``.
 
     SDPA would otherwise convert the bool mask to this on every call.
     """
     _, allowed = _window_layout(geo, device)
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-
-
-def user_mask_index(
-    attn_mask: torch.Tensor, heads: int, query_pos: torch.Tensor, key_pos: torch.Tensor
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """Indices into the 4-D view of one batch element's mask for every (head, block, row, slot) used.
-
-    attn_mask broadcastable to (1, heads, S, S), query_pos (nb, bs), key_pos
-    (1 or heads, nb, L). Returns (indices, 4-D view of the mask); the indices
-    broadcast to (1 or heads, nb or 1, bs or 1, L or 1).
-    Dimensions where the mask has size 1 are indexed with 0, so the gathered
-    values keep them at size 1; nothing S×S is built.
-    """
-    m4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    dev = attn_mask.device
-    zero = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=dev)
-    hi = torch.arange(heads, device=dev).view(-1, 1, 1, 1) if m4.shape[1] > 1 else zero
-    # Padding rows and unused slots point past the sequence: read any real entry, the fold masks them.
-    qi = query_pos.clamp(max=m4.shape[2] - 1)[None, :, :, None] if m4.shape[2] > 1 else zero
-    ki = key_pos.clamp(max=m4.shape[3] - 1)[:, :, None, :] if m4.shape[3] > 1 else zero
-    return (zero, hi, qi, ki), m4
-
-
-def _per_head(x: torch.Tensor, heads: int, stop: int) -> torch.Tensor:
-    """The first ``stop`` rows of (1, kv_heads, S, D) repeated per query head: (heads, stop, D)."""
-    _, kv_heads, _, dim = x.shape
-    return x[0, :, None, :stop].expand(kv_heads, heads // kv_heads, stop, dim).reshape(heads, stop, dim)
-
-
-def _blocked_queries(x: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-    """(1, h, S, D) -> (h, nb, bs, D), zero-padded to whole blocks (a view when S is a multiple of bs)."""
-    pad = geo.num_blocks * geo.block_size - geo.seq_len
-    return (F.pad(x, (0, 0, 0, pad)) if pad else x)[0].unflatten(1, (geo.num_blocks, geo.block_size))
 
 
 @dataclass
@@ -246,7 +215,7 @@ def _chunks(
     rows = geo.num_blocks + geo.before + geo.after
     per_kv_head = group * rows * geo.row_len * (k.shape[-1] + v.shape[-1]) * k.element_size()
     step = max(1, _CHUNK_BYTES // per_kv_head)
-    m4 = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    m4 = None if attn_mask is None else as_4d(attn_mask)
     for b in range(batch):
         for h0 in range(0, kv_heads, step):
             kvs = slice(h0, min(h0 + step, kv_heads))
@@ -257,17 +226,10 @@ def _chunks(
                 where = (slice(b, b + 1) if m4.shape[0] > 1 else slice(None), hs if m4.shape[1] > 1 else slice(None))
                 mask = m4[where]
             yield _Chunk(
-                b, hs, _blocked_queries(q[b : b + 1, hs], geo), k_c, v_c,
+                b, hs, blocked(q[b, hs], geo.block_size), k_c, v_c,
                 _blocked_rows(k_c, geo, hs.stop - hs.start), _blocked_rows(v_c, geo, hs.stop - hs.start),
                 mask, where, None if blocks is None else blocks[b, hs],
             )  # fmt: skip
-
-
-def _block_ranges(num_blocks: int, elems_per_block: int, budget: int) -> Iterator[slice]:
-    """Consecutive ranges of query blocks, each materialising at most about ``budget`` elements."""
-    step = max(1, budget // max(1, elems_per_block))
-    for start in range(0, num_blocks, step):
-        yield slice(start, min(start + step, num_blocks))
 
 
 def _slot_counts(c: _Chunk, geo: _Geometry) -> list[int]:
@@ -288,16 +250,6 @@ def _fold_elems(c: _Chunk, geo: _Geometry) -> int:
     gathered = (slots[-1] if c.blocks is not None else 0) * (dim + dv)  # window and sinks are views
     masks = bs * sum(slots) if c.mask is not None else bs * sum(slots[1:])
     return n * (gathered + masks + 2 * len(slots) * bs * dv)
-
-
-@dataclass
-class Part:
-    """A run of key slots every query block of a range attends to."""
-
-    k: torch.Tensor  # (n, nb, L, D), possibly an overlapping or broadcast view
-    v: torch.Tensor  # (n, nb, L, Dv)
-    mask: torch.Tensor  # (1 or n, nb, bs or 1, L) additive, in q's dtype: -inf = may not attend
-    key_pos: torch.Tensor  # (1 or n, nb, L) int64 position of each slot, seq_len where unused
 
 
 @dataclass
@@ -330,7 +282,7 @@ def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
         Part(
             _window_view(c.k_rows, geo)[:, qbs],
             _window_view(c.v_rows, geo)[:, qbs],
-            _window_bias(geo, dev, dtype)[None, qbs],
+            _windowadditive(geo, dev, dtype)[None, qbs],
             wpos[None, qbs],
         )
     ]
@@ -340,9 +292,9 @@ def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
         seen = (epos <= query_pos[:, :, None])[None] if geo.is_causal else torch.ones(1, 1, 1, e, dtype=torch.bool, device=dev)
         parts.append(
             Part(
-                _per_head(c.k, n, e)[:, None].expand(n, count, e, -1),
-                _per_head(c.v, n, e)[:, None].expand(n, count, e, -1),
-                _bias(seen, dtype).expand(1, count, -1, -1),
+                per_head(c.k[0, :, :e], n)[:, None].expand(n, count, e, -1),
+                per_head(c.v[0, :, :e], n)[:, None].expand(n, count, e, -1),
+                additive(seen, dtype).expand(1, count, -1, -1),
                 epos.expand(1, count, e),
             )
         )
@@ -360,64 +312,13 @@ def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
             Part(
                 c.k_rows.flatten(0, 1).index_select(0, rows).view(n, count, kk * geo.row_len, -1),
                 c.v_rows.flatten(0, 1).index_select(0, rows).view(n, count, kk * geo.row_len, -1),
-                _bias(ok[:, :, None, :], dtype),
+                additive(ok[:, :, None, :], dtype),
                 tpos.masked_fill(~ok, seq_len),
             )
         )
-    if c.mask is not None:
-        for p in parts:
-            idx, m4 = user_mask_index(c.mask, n, query_pos, p.key_pos)
-            user = m4[idx]
-            if user.dtype == torch.bool:
-                p.mask = torch.where(user, p.mask, torch.tensor(float("-inf"), dtype=dtype, device=dev))
-            else:
-                p.mask = p.mask + user.to(dtype)
+    for p in parts:
+        p.mask = add_user_mask(p.mask, c.mask, n, query_pos, p.key_pos)
     return _Folded(c.q[:, qbs], query_pos, parts)
-
-
-def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool 'may attend' -> additive 0 / -inf."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-
-
-def attend_part(
-    q: torch.Tensor, part: Part, scale: float, need_lse: bool, may_be_empty: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of q (n, nb, bs, D) over one part -> (out (n, nb, bs, Dv), logsumexp (n, nb, bs) fp32 or None).
-
-    ``may_be_empty``: some row may see no key of the part (a user mask, or a
-    part other than the window, which always holds the query itself). Such
-    rows output 0 and get logsumexp -inf.
-    """
-    # One reduction pass, no temporary: a row sees some key iff its largest mask entry is finite.
-    visible = part.mask.amax(-1) > float("-inf") if may_be_empty else None
-    if not need_lse:
-        # One 4-D SDPA call: query blocks are the "heads" axis (5-D inputs take a slow path).
-        out = F.scaled_dot_product_attention(q, part.k, part.v, attn_mask=part.mask, scale=scale)
-        # Backends differ on rows that see no key (the CPU kernel gives 0, others NaN).
-        return (out if visible is None else out.masked_fill_(~visible[..., None], 0.0)), None
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, part.k, part.v, attn_mask=part.mask.expand(*q.shape[:2], -1, -1), scale=scale
-        )
-        # This kernel reports logsumexp 0 (not -inf) on rows that see nothing.
-        lse = lse if visible is None else lse.masked_fill(~visible, float("-inf"))
-        return out, lse
-    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    s = (q.to(acc) @ part.k.to(acc).transpose(-1, -2)) * scale + part.mask.to(acc)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
-    return (p @ part.v.to(acc)).to(q.dtype), lse.float()
-
-
-def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
-    """Softmax-weighted sum of partial attentions by their logsumexps (fp32); rows seeing nothing give 0."""
-    lse = torch.stack(lses)
-    top = lse.amax(0)
-    w = torch.exp(lse - top.masked_fill(top == float("-inf"), 0.0))
-    total = w.sum(0)
-    out = sum(o.float() * wi[..., None] for o, wi in zip(outs, w))
-    return out / total.masked_fill(total == 0, 1.0)[..., None]
 
 
 def sparse_attention_torch(
@@ -444,20 +345,18 @@ def sparse_attention_torch(
     if covers and attn_mask is None:
         # Every key is visible: one fused dense call is exact and much faster
         # than the chunked path (no mask, so no row can be left without keys).
-        from attnrw.kernels.attention.reference import dense_attention
-
         return dense_attention(q, k, v, None, is_causal, scale).contiguous()
     geo = _geometry(seq_len, block_size, window, sinks, is_causal)
     blocks = select_blocks(q, k, topk, block_size, window, sinks, is_causal)
     out = q.new_empty((batch, heads, seq_len, v.shape[-1]))
     for c in _chunks(q, k, v, attn_mask, blocks, geo):
-        for qbs in _block_ranges(geo.num_blocks, _fold_elems(c, geo), _FOLD_CHUNK_ELEMS):
+        for qbs in ranges(geo.num_blocks, _fold_elems(c, geo), _FOLD_CHUNK_ELEMS):
             f = _fold(c, geo, qbs)
             results = [
                 attend_part(f.q, p, scale, need_lse=len(f.parts) > 1, may_be_empty=c.mask is not None or i > 0)
                 for i, p in enumerate(f.parts)
             ]
-            o = results[0][0] if len(results) == 1 else _merge([r[0] for r in results], [r[1] for r in results])
+            o = results[0][0] if len(results) == 1 else merge_partials([r[0] for r in results], [r[1] for r in results])
             lo, hi = qbs.start * block_size, min(qbs.stop * block_size, seq_len)
             out[c.batch, c.heads, lo:hi] = o.flatten(1, 2)[:, : hi - lo]
     return out
@@ -492,8 +391,8 @@ def sparse_attention_grads(
     group = heads // k.shape[1]
     geo = _geometry(seq_len, block_size, window, sinks, is_causal)
     blocks = select_blocks(q, k, topk, block_size, window, sinks, is_causal)
-    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    g_all = _blocked_queries(grad_out.flatten(0, 1)[None], geo).unflatten(0, (batch, heads))
+    acc = acc_dtype(q.dtype)
+    g_all = blocked(grad_out.flatten(0, 1), block_size).unflatten(0, (batch, heads))
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     # One extra key row catches the unused slots (position seq_len), whose gradients are 0.
     dk = torch.zeros(batch, heads, seq_len + 1, dim, dtype=acc, device=q.device)
@@ -506,7 +405,7 @@ def sparse_attention_grads(
         rows = torch.arange(n, device=q.device)[:, None, None]
         dk_c, dv_c = dk[c.batch, c.heads], dv[c.batch, c.heads]  # views: scattered into in place
         per_block = n * block_size * sum(_slot_counts(c, geo))
-        for qbs in _block_ranges(geo.num_blocks, per_block, _BACKWARD_CHUNK_ELEMS):
+        for qbs in ranges(geo.num_blocks, per_block, _BACKWARD_CHUNK_ELEMS):
             f = _fold(c, geo, qbs)
             qc, gc = f.q.to(acc), g_all[c.batch, c.heads, qbs].to(acc)
             scores = [(qc @ p.k.to(acc).transpose(-1, -2)) * scale + p.mask.to(acc) for p in f.parts]
@@ -524,18 +423,10 @@ def sparse_attention_grads(
                 dk_c.index_put_((rows, kpos), (ds.transpose(-1, -2) @ qc) * scale, accumulate=True)
                 dv_c.index_put_((rows, kpos), pr.transpose(-1, -2) @ gc, accumulate=True)
                 if dm4 is not None and c.mask is not None:
-                    idx, _ = user_mask_index(c.mask, n, f.query_pos, p.key_pos)
-                    # Sum over the axes the mask broadcasts along, then scatter into its own shape.
-                    target = torch.broadcast_shapes(*(t.shape for t in idx))
-                    dims = [d for d in range(4) if target[d] == 1 and ds.shape[d] != 1]
-                    dsum = ds.sum(dim=dims, keepdim=True) if dims else ds  # sum(dim=[]) would sum all
-                    dm4[c.mask_index].index_put_(idx, dsum, accumulate=True)
+                    scatter_mask_grad(dm4, c.mask, c.mask_index, n, f.query_pos, p.key_pos, ds)
             lo, hi = qbs.start * block_size, min(qbs.stop * block_size, seq_len)
             dq[c.batch, c.heads, lo:hi] = dq_c.flatten(1, 2)[:, : hi - lo]
 
     dk_out = dk[:, :, :seq_len].unflatten(1, (-1, group)).sum(2)
     dv_out = dv[:, :, :seq_len].unflatten(1, (-1, group)).sum(2)
-    dmask = q.new_empty(0)
-    if dm4 is not None and attn_mask is not None:
-        dmask = dm4.reshape(attn_mask.shape).to(attn_mask.dtype)
-    return dq.to(q.dtype), dk_out.to(k.dtype), dv_out.to(v.dtype), dmask
+    return dq.to(q.dtype), dk_out.to(k.dtype), dv_out.to(v.dtype), mask_grad_out(dm4, attn_mask, q)
