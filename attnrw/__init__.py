@@ -6,7 +6,9 @@ Public API (see DESIGN.md):
 * :func:`rewrite` -- an offline rewrite into a ``torch.export.ExportedProgram``;
 * :func:`backend` -- a ``torch.compile`` backend (also ``backend="attnrw"`` with no import);
 * :func:`calibrate` -- turn an :class:`Auto` policy into a per-site :class:`Plan` on sample inputs;
-* the policies :class:`Dense`, :class:`Sparse`, :class:`Merge`, :class:`Condense`, :class:`Auto`;
+* the policies :class:`Dense`, :class:`Sparse`, :class:`Merge`, :class:`Condense`, :class:`Auto`,
+  :class:`Bias`, and the contract a new one follows: :class:`Policy`, :func:`register_policy`,
+  :class:`Lowering`, :class:`Keep`;
 * :mod:`attnrw.export` -- ONNX export (``attnrw.export.to_onnx``), imported on first use.
 
 ``import attnrw`` imports neither triton nor onnx and starts no CUDA.
@@ -19,7 +21,19 @@ from typing import Any
 
 from attnrw import kernels as _kernels  # noqa: F401  (registers torch.ops.attnrw.*)
 from attnrw.config import parse_options
-from attnrw.policies import Auto, Condense, Dense, Merge, Policy, Sparse, policy_from_dict
+from attnrw.policies import (
+    Auto,
+    Bias,
+    Condense,
+    Dense,
+    Keep,
+    Lowering,
+    Merge,
+    Policy,
+    Sparse,
+    policy_from_dict,
+    register_policy,
+)
 from attnrw.errors import (
     AttnrwError,
     ConfigError,
@@ -40,10 +54,13 @@ __all__ = [
     "AttentionSite",
     "AttnrwError",
     "Auto",
+    "Bias",
     "Condense",
     "ConfigError",
     "Dense",
     "ImplementationUnavailableError",
+    "Keep",
+    "Lowering",
     "Merge",
     "ModelSpecError",
     "Plan",
@@ -59,6 +76,7 @@ __all__ = [
     "inspect",
     "parse_options",
     "policy_from_dict",
+    "register_policy",
     "rewrite",
 ]
 

@@ -29,18 +29,15 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import contextlib
-import importlib
 import json
-import os
-import re
-import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from attnrw.errors import ConfigError
+from attnrw.imports import CALLABLE_SPEC, cwd_on_path, import_callable
 from attnrw.policies import FieldInfo, Policy, get_policy, policy_fields, policy_from_dict, registry
 
 __all__ = [
@@ -65,7 +62,6 @@ GIVEN = "policy_flags"
 TABLE = "policy_flag_table"
 
 #: ``pkg.module:fn``, as a Callable field and a factory MODEL are written.
-CALLABLE_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
@@ -272,42 +268,6 @@ def _policies_from_json(value: Any, tp: Any) -> Any:
         items = [_policies_from_json(v, item) for v in value]
         return tuple(items) if origin is tuple else items
     return value
-
-
-@contextlib.contextmanager
-def cwd_on_path() -> Iterator[None]:
-    """Put the current directory first on ``sys.path`` for an import, as ``python -m`` does."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        yield
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-
-
-def import_callable(spec: str, error: type[Exception] = ConfigError, context: str = "") -> Callable[..., Any]:
-    """``fn`` of ``pkg.module:fn``, imported with the current directory first on ``sys.path``.
-
-    A failed import or a missing (or not callable) ``fn`` raises ``error``
-    with a message saying which, followed by `` (context)`` when given.
-    """
-    module_name, fn_name = spec.split(":")
-    where = f" ({context})" if context else ""
-    with cwd_on_path():
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as e:
-            raise error(
-                f"cannot import {module_name!r}{where}: {type(e).__name__}: {e} "
-                "(run from the folder that holds the package, or install it)"
-            ) from e
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise error(f"module {module_name!r} has no callable {fn_name!r}{where}")
-    return fn
 
 
 def _import_callable(text: str) -> Callable[..., Any]:

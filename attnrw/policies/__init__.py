@@ -22,10 +22,12 @@ from attnrw.policies.sparse import Sparse
 from attnrw.policies.condense import Condense
 from attnrw.policies.merge import Merge
 from attnrw.policies.auto import Auto
+from attnrw.policies.bias import Bias
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
     "Auto",
+    "Bias",
     "Condense",
     "Dense",
     "FieldInfo",

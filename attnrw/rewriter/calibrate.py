@@ -27,6 +27,7 @@ from torch.fx import GraphModule
 
 from attnrw.policies import Auto, Dense, Policy, dense_flops
 from attnrw.policies.dense import is_dense
+from attnrw.metrics import relative_l2_of, squared_errors
 from attnrw.patterns.context import MatchContext
 from attnrw.patterns.find import find_sites
 from attnrw.patterns.match import Match
@@ -52,7 +53,7 @@ class _Stat:
 
     @property
     def rel(self) -> float:
-        return math.sqrt(self.err2 / self.ref2) if self.ref2 > 0 else 0.0
+        return relative_l2_of(self.err2, self.ref2)
 
 
 def _site_tensors(gm: GraphModule, matches: list[Match], inputs: Sequence[Any]) -> list[tuple]:
@@ -78,14 +79,6 @@ def _site_tensors(gm: GraphModule, matches: list[Match], inputs: Sequence[Any]) 
         gm.recompile()
     values = iter(result[1:])
     return [tuple(next(values) if t is not None else None for t in group) for group in extra]
-
-
-def _rel_l2(out: Any, ref: Any) -> tuple[float, float]:
-    outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    refs = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    err2 = sum(float((a.double() - b.double()).pow(2).sum()) for a, b in zip(outs, refs))
-    ref2 = sum(float(b.double().pow(2).sum()) for b in refs)
-    return err2, ref2
 
 
 class Calibrator:
@@ -182,8 +175,9 @@ class Calibrator:
                     for c in self.candidates:
                         out = dense if is_dense(c) else call_site(m, lower_site(m, c), q, k, v, mask)
                         st = stats[i][c]
-                        st.err2 += float((out.double() - dense.double()).pow(2).sum())
-                        st.ref2 += float(dense.double().pow(2).sum())
+                        e, r = squared_errors(out, dense)
+                        st.err2 += e
+                        st.ref2 += r
                 done += 1
                 self.progress("calibrate", done, total)
         return {i: {c: s.rel for c, s in per.items()} for i, per in stats.items()}
@@ -198,9 +192,9 @@ class Calibrator:
         err2 = ref2 = 0.0
         with torch.no_grad():
             for inputs in check:
-                e, r = _rel_l2(work(*inputs), self.gm(*inputs))
+                e, r = squared_errors(work(*inputs), self.gm(*inputs))
                 err2 += e
                 ref2 += r
         self._checks += 1
         self.progress("check", self._checks, self._checks)
-        return math.sqrt(err2 / ref2) if ref2 > 0 else 0.0
+        return relative_l2_of(err2, ref2)

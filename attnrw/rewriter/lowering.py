@@ -137,7 +137,7 @@ def _bias_graph(fn: Callable[..., Any]) -> Graph:
     traced = []
     for sizes in ((2, 3, 5, 7), (3, 4, 6, 9)):
         try:
-            gm = make_fx(fn)(*_index_tensors(*sizes, "cpu"))
+            gm = make_fx(lambda b, h, q_idx, kv_idx: fn(b, h, q_idx, kv_idx))(*_index_tensors(*sizes, "cpu"))
         except Exception as e:
             raise ConfigError(f"the score bias {_fn_name(fn)} could not be traced: {type(e).__name__}: {e}") from e
         if any(n.op == "get_attr" for n in gm.graph.nodes):
