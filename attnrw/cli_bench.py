@@ -8,6 +8,7 @@ and error over a few budgets around the one asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import argparse
 import logging
 import math
@@ -23,7 +24,8 @@ import torch
 
 import attnrw
 from attnrw.cli_flags import add_policy_flags
-from attnrw.policies import Auto, Policy
+from attnrw.config import needs_calibration
+from attnrw.policies import Policy
 from attnrw.errors import ConfigError
 from attnrw.files import CLI_HINT, check_output, write_atomically
 from attnrw.metrics import float_leaves, relative_l2
@@ -88,7 +90,7 @@ def measure(
 ) -> BenchResult:
     """Rewrite under ``policy`` (calibrating Auto first) and compare with the unmodified model."""
     plan = None
-    if isinstance(policy, Auto):
+    if needs_calibration(policy):
         plan = attnrw.calibrate(model, calib or [(args, kwargs)], check, policy=policy, progress=progress)
         policy = plan
     program = attnrw.rewrite(model, args, kwargs, policy=policy)
@@ -186,9 +188,9 @@ def run(ns: argparse.Namespace, loaded: Any, policy: Policy | Plan) -> int:
         raise ConfigError("--plan-out needs --policy auto (there is no plan to save)")
     if ns.plot:
         curve: list[tuple[float, BenchResult]] = []
-        if isinstance(policy, Auto):
+        if needs_calibration(policy):
             for factor in (0.1, 1.0, 10.0):
-                auto = Auto(budget=policy.budget * factor, candidates=policy.candidates)
+                auto = dataclasses.replace(policy, budget=policy.budget * factor)
                 r = result if factor == 1.0 else measure(loaded.model, loaded.args, loaded.kwargs, auto,
                                                          ns.repeat, calib, check, bar)
                 curve.append((auto.budget, r))

@@ -94,11 +94,11 @@ def out_of_place(gm: GraphModule) -> None:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
         twin = _functional_form(node.target) if node.op == "call_function" else None
-        if twin is None or not isinstance(node.args[0] if node.args else None, Node):
+        if twin is None or not isinstance(_self_arg(node), Node):
             continue
-        base = node.args[0]
-        while _is_view(base) and isinstance(base.args[0], Node):
-            base = base.args[0]
+        base = _self_arg(node)
+        while _is_view(base) and isinstance(_self_arg(base), Node):
+            base = _self_arg(base)
         if base.op != "call_function":
             continue  # a graph input: the mutation is visible to the caller
         family, todo = set(), [base]
@@ -107,7 +107,7 @@ def out_of_place(gm: GraphModule) -> None:
             if n in family:
                 continue
             family.add(n)
-            todo.extend(u for u in n.users if _is_view(u) and u.args and u.args[0] is n)
+            todo.extend(u for u in n.users if _is_view(u) and _self_arg(u) is n)
         if any(order[u] > order[node] for n in family for u in n.users if u is not node):
             continue
         with gm.graph.inserting_before(node):
@@ -197,9 +197,15 @@ def export_context(ep: torch.export.ExportedProgram, args: tuple | None, kwargs:
     return MatchContext(gm, values, user, constants)
 
 
+def _self_arg(node: Node) -> Any:
+    """The tensor an in-place or view op acts on (its first argument), or None."""
+    return next(iter(node.args), None)
+
+
 def sync_output_signature(ep: torch.export.ExportedProgram) -> None:
     """After replacing nodes, point the program's output specs at the new output nodes."""
     out = next(n for n in ep.graph.nodes if n.op == "output")
-    for spec, node in zip(ep.graph_signature.output_specs, out.args[0]):
+    (outputs,) = out.args
+    for spec, node in zip(ep.graph_signature.output_specs, outputs):
         if isinstance(node, Node) and hasattr(spec.arg, "name"):
             spec.arg.name = node.name
