@@ -36,22 +36,4 @@ def _attention_fake(q, k, v, attn_mask, is_causal, scale):
     return empty_sdpa_layout(q, v.shape[-1])
 
 
-@torch.library.custom_op("attnrw::attention_backward", mutates_args=())
-def attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    mask_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`attention` for q, k, v and (when ``mask_grad``) the float mask.
-
-    The mask gradient is an empty tensor when not asked for.
-    """
-    return attention_grads(grad_out, q, k, v, attn_mask, is_causal, scale, mask_grad)
-
-
-register_backward(attention, attention_backward)
+attention_backward = register_backward(attention, attention_grads)

@@ -6,6 +6,15 @@ key slots every query block of a range attends to, with an additive mask
 that holds the op's own rule (which slots a row sees) and, read at the
 (query, key) pairs used, the user's mask. Several parts of one row are
 merged by their log-sum-exps, so no key set is ever concatenated.
+
+A row whose every visible score an additive mask value at or below
+:data:`ABSORBING` swallows (``torch.finfo(torch.float32).min`` masks, as
+Hugging Face builds them) attends uniformly over its visible keys in
+``F.scaled_dot_product_attention`` and in the Triton kernels: in fp32 the
+mask absorbs the scores. Its parts' log-sum-exps are then all that value
+too (absorbed as well), so merging by them would weigh each part the same;
+such rows are merged by each part's number of visible slots instead
+(:func:`absorbed`, :func:`visible_slots`).
 """
 
 from __future__ import annotations
@@ -16,6 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from attnrw.kernels.common.shapes import acc_dtype, as_4d
+
+
+#: Additive mask values at or below this absorb any score in fp32 (``finfo.min`` masks); the Triton
+#: kernels keep them unscaled for the same reason (:func:`attnrw.kernels.common.triton.log2_units`).
+ABSORBING = -1.0e38
 
 
 @dataclass
@@ -124,11 +138,33 @@ def attend_part(
     return attend_math(q, part, scale)
 
 
-def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
-    """Softmax-weighted sum of partial attentions by their logsumexps (fp32); rows seeing nothing give 0."""
+def absorbed(lse: torch.Tensor) -> torch.Tensor:
+    """Rows whose log-sum-exp an absorbing mask value swallowed (finite, at or below :data:`ABSORBING`)."""
+    return (lse <= ABSORBING) & (lse > float("-inf"))
+
+
+def visible_slots(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """How many slots of a part's additive mask (·, nb, bs or 1, L) each row sees, fp32, expanded to ``shape``."""
+    return (mask > float("-inf")).sum(-1).expand(shape).float()
+
+
+def merge_partials(
+    outs: list[torch.Tensor], lses: list[torch.Tensor], masks: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Softmax-weighted sum of partial attentions by their logsumexps (fp32); rows seeing nothing give 0.
+
+    ``masks``: the parts' additive masks, given when a float user mask may
+    hold absorbing values; rows it absorbed are weighted by their visible
+    slots per part (module docstring).
+    """
     lse = torch.stack(lses)
     top = lse.amax(0)
     w = torch.exp(lse - top.masked_fill(top == float("-inf"), 0.0))
+    if masks is not None:
+        hit = absorbed(top)
+        if bool(hit.any()):
+            counts = torch.stack([visible_slots(m, top.shape) for m in masks])
+            w = torch.where(hit, counts, w)
     total = w.sum(0)
     out = sum(o.float() * wi[..., None] for o, wi in zip(outs, w))
     return out / total.masked_fill(total == 0, 1.0)[..., None]

@@ -128,6 +128,24 @@ def attend_span(
 
 
 @triton.jit
+def program_head(heads, group):
+    """The (batch, head, kv head) of this program, from grid axis 1 (batch * heads); int64 for the offsets."""
+    zh = tl.program_id(1)
+    z = (zh // heads).to(tl.int64)
+    h = (zh % heads).to(tl.int64)
+    return z, h, h // group
+
+
+@triton.jit
+def softmax_state(BLOCK_M: tl.constexpr, V_DIM: tl.constexpr):
+    """The empty running softmax of a tile: (acc (BLOCK_M, V_DIM), running max m_i, running sum l_i), fp32."""
+    acc = tl.zeros([BLOCK_M, V_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def block_tile(pid, block_size, seq_len, tiles_per_block, BLOCK_M: tl.constexpr):
     """Tile ``pid`` is sub-tile ``pid % tiles_per_block`` of query block ``pid // tiles_per_block``.
 

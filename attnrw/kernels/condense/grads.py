@@ -92,13 +92,14 @@ def condensed_attention_grads(
     lay = make_layout(q, recent, group, sinks, is_causal, block_size)
     two = has_condensed_part(lay)
     for c in chunks(q, k, v, attn_mask, lay):
-        ow, lw = window_part(c, lay, scale, need_lse=True)
+        ow, lw, cw = window_part(c, lay, scale, need_lse=True)
         ow, lw = ow[:, :seq].to(acc), lw[:, :seq]
         src = None
         if two:
             src = sources(c.q, c.k, c.v, c.values, pooling, block_size)
-            oc, lc = condensed_part(c, lay, src, scale, size_bias)
-            o, lse = merge_into(ow, lw, oc[:, :seq], lc[:, :seq])
+            oc, lc, cc = condensed_part(c, lay, src, scale, size_bias)
+            cw, cc = (None if x is None else x[:, :seq] for x in (cw, cc))
+            o, lse = merge_into(ow, lw, oc[:, :seq], lc[:, :seq], cw, cc)
         else:
             o, lse = ow, lw
         g = grad_out[c.batch, c.heads].to(acc)

@@ -73,30 +73,4 @@ def _condensed_attention_fake(
     return empty_sdpa_layout(q, v.shape[-1])
 
 
-@torch.library.custom_op("attnrw::condensed_attention_backward", mutates_args=())
-def condensed_attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    recent: int,
-    group: int,
-    sinks: int,
-    pooling: str,
-    size_bias: bool,
-    block_size: int,
-    mask_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`condensed_attention` for q, k, v and (when ``mask_grad``) the float mask.
-
-    The mask gradient is an empty tensor when not asked for.
-    """
-    return condensed_attention_grads(
-        grad_out, q, k, v, attn_mask, is_causal, scale, recent, group, sinks, pooling, size_bias, block_size, mask_grad
-    )
-
-
-register_backward(condensed_attention, condensed_attention_backward)
+condensed_attention_backward = register_backward(condensed_attention, condensed_attention_grads)

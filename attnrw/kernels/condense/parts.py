@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from attnrw.kernels.common.shapes import additive, as_4d, blocked, cdiv, per_head, ranges
-from attnrw.kernels.common.spans import Part, add_user_mask, attend_math, attend_part
+from attnrw.kernels.common.spans import Part, absorbed, add_user_mask, attend_math, attend_part, visible_slots
 from attnrw.kernels.condense.blocking import (
     Layout,
     condensed_bias,
@@ -242,51 +242,85 @@ def attend_range(
     return o, m
 
 
+def _absorbed_counts(
+    counts: torch.Tensor | None, c: Chunk, rg: Range, lse: torch.Tensor, total_rows: int
+) -> torch.Tensor | None:
+    """Record the visible slots of the range's rows a finfo.min mask absorbed (see :mod:`attnrw.kernels.common.spans`).
+
+    Only with a float user mask, and only once such a row turns up;
+    ``counts`` (h, total_rows) fp32, created then, holds 0 elsewhere.
+    """
+    if c.mask is None or not c.mask.is_floating_point() or not bool(absorbed(lse).any()):
+        return counts
+    if counts is None:
+        counts = torch.zeros(lse.shape[0], total_rows, dtype=torch.float32, device=lse.device)
+    counts[:, rg.rows] = visible_slots(rg.part.mask, lse.shape).flatten(1, 2)
+    return counts
+
+
 def window_part(
     c: Chunk, lay: Layout, scale: float, need_lse: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Window part of one chunk: (out (h, nw·fold, Dv), logsumexp (h, nw·fold) fp32 or None)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Window part of one chunk: (out (h, nw·fold, Dv), logsumexp (h, nw·fold) fp32 or None, absorbed counts or None)."""
     heads = c.q.shape[0]
     rows = lay.num_windows * lay.fold
     out = c.q.new_empty(heads, rows, c.v.shape[-1])
     lse = torch.empty(heads, rows, dtype=torch.float32, device=c.q.device) if need_lse else None
+    counts = None
     seeing = rows_seeing(lay, c.q.device)[0]
     for rg in window_ranges(c, lay, _RANGE_ELEMS):
         o, m = attend_range(rg, c, scale, need_lse, seeing)
         out[:, rg.rows] = o.flatten(1, 2)
         if lse is not None:
             lse[:, rg.rows] = m.flatten(1, 2)
-    return out, lse
+            counts = _absorbed_counts(counts, c, rg, m, rows)
+    return out, lse, counts
 
 
 def condensed_part(
     c: Chunk, lay: Layout, src: Sources, scale: float, size_bias: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Condensed part of one chunk: (out (h, nb·bs, Dv), logsumexp (h, nb·bs) fp32; -inf where nothing is seen)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Condensed part of one chunk: (out (h, nb·bs, Dv), logsumexp (h, nb·bs) fp32, -inf where nothing
+    is seen; absorbed counts or None)."""
     heads = c.q.shape[0]
     rows = lay.num_blocks * lay.block_size
     out = c.q.new_zeros(heads, rows, c.v.shape[-1])
     lse = torch.full((heads, rows), float("-inf"), dtype=torch.float32, device=c.q.device)
+    counts = None
     seeing = rows_seeing(lay, c.q.device)[1]
     for rg, _ in condensed_ranges(c, lay, src, scale, size_bias, _RANGE_ELEMS):
         o, m = attend_range(rg, c, scale, True, seeing)
         out[:, rg.rows] = o.flatten(1, 2)
         lse[:, rg.rows] = m.flatten(1, 2)
-    return out, lse
+        counts = _absorbed_counts(counts, c, rg, m, rows)
+    return out, lse, counts
 
 
 def merge_into(
-    ow: torch.Tensor, lw: torch.Tensor, oc: torch.Tensor, lc: torch.Tensor
+    ow: torch.Tensor,
+    lw: torch.Tensor,
+    oc: torch.Tensor,
+    lc: torch.Tensor,
+    cw: torch.Tensor | None = None,
+    cc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge two parts' attention outputs by their log-sum-exps -> (out, logsumexp).
 
     ow, oc (h, S, Dv); lw, lc (h, S) fp32. Rows that see nothing in either
-    part give 0. fp32/fp64 outputs are merged into ``ow`` in place (no
-    temporaries the size of the output); half ones in fp32.
+    part give 0. ``cw``, ``cc`` (h, S): the parts' visible slots on rows a
+    finfo.min mask absorbed (None: none), which weigh those rows instead.
+    fp32/fp64 outputs are merged into ``ow`` in place (no temporaries the
+    size of the output); half ones in fp32.
     """
     lse = torch.logaddexp(lw, lc)
     safe = lse.masked_fill(lse == float("-inf"), 0.0)
     a, b = torch.exp(lw - safe)[..., None], torch.exp(lc - safe)[..., None]
+    if cw is not None or cc is not None:
+        hit = absorbed(lse)[..., None]
+        cw = torch.zeros_like(lw) if cw is None else cw
+        cc = torch.zeros_like(lc) if cc is None else cc
+        total = (cw + cc).clamp(min=1.0)[..., None]
+        a, b = torch.where(hit, cw[..., None] / total, a), torch.where(hit, cc[..., None] / total, b)
     if ow.dtype in (torch.float32, torch.float64):
         return ow.mul_(a.to(ow.dtype)).addcmul_(oc, b.to(ow.dtype)), lse
     return ow.float() * a + oc.float() * b, lse

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import torch
 
+from attnrw.kernels.common.layout import empty_sdpa_layout
 from attnrw.kernels.condense.blocking import has_condensed_part, make_layout
 from attnrw.kernels.condense.layout import check_inputs
 from attnrw.kernels.condense.parts import chunks, condensed_part, merge_into, window_part
@@ -109,17 +110,18 @@ def condensed_attention_torch(
     """
     check_inputs(q, k, v, attn_mask, recent, group, sinks, pooling, block_size)
     batch, heads, seq, _ = q.shape
-    out = q.new_empty(batch, seq, heads, v.shape[-1]).transpose(1, 2)
+    out = empty_sdpa_layout(q, v.shape[-1])
     if seq == 0 or batch * heads == 0:
         return out
     lay = make_layout(q, recent, group, sinks, is_causal, block_size)
     two = has_condensed_part(lay)
     for c in chunks(q, k, v, attn_mask, lay):
-        ow, lw = window_part(c, lay, scale, need_lse=two)
+        ow, lw, cw = window_part(c, lay, scale, need_lse=two)
         if not two:
             out[c.batch, c.heads] = ow[:, :seq]
             continue
         src = sources(c.q, c.k, c.v, c.values, pooling, block_size)
-        oc, lc = condensed_part(c, lay, src, scale, size_bias)
-        out[c.batch, c.heads] = merge_into(ow[:, :seq], lw[:, :seq], oc[:, :seq], lc[:, :seq])[0]
+        oc, lc, cc = condensed_part(c, lay, src, scale, size_bias)
+        cw, cc = (None if x is None else x[:, :seq] for x in (cw, cc))
+        out[c.batch, c.heads] = merge_into(ow[:, :seq], lw[:, :seq], oc[:, :seq], lc[:, :seq], cw, cc)[0]
     return out

@@ -32,8 +32,19 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrw.kernels.common.layout import empty_sdpa_layout
 from attnrw.kernels.common.shapes import as_4d, cdiv
-from attnrw.kernels.common.triton import LOG2E, attend_span, block_tile, load_rows, mask_operand, store_rows, tiles
+from attnrw.kernels.common.triton import (
+    LOG2E,
+    attend_span,
+    block_tile,
+    load_rows,
+    mask_operand,
+    program_head,
+    softmax_state,
+    store_rows,
+    tiles,
+)
 from attnrw.kernels.condense.layout import Geometry, check_inputs, query_bounds
 from attnrw.kernels.condense.summaries import row_groups, summary_tables
 
@@ -115,10 +126,7 @@ def _condensed_fwd_kernel(
 ):
     """Grid: (query tiles, batch * heads); see :func:`attnrw.kernels.common.triton.block_tile`."""
     pid = tl.program_id(0)
-    zh = tl.program_id(1)
-    z = (zh // heads).to(tl.int64)
-    h = (zh % heads).to(tl.int64)
-    kvh = h // group_q
+    z, h, kvh = program_head(heads, group_q)
     th = h // table_group  # the head whose summaries this head reads
     qb, row0, offs_m, row_ok = block_tile(pid, block_size, seq_len, tiles_per_block, BLOCK_M)
     q = load_rows(Q + z * stride_qz + h * stride_qh, offs_m, row_ok, stride_qm, stride_qd, head_dim, HEAD_DIM, DOT_FP32)
@@ -130,9 +138,7 @@ def _condensed_fwd_kernel(
     glo = tl.load(GLO + offs_m, mask=row_ok, other=0)
     ghi = tl.load(GHI + offs_m, mask=row_ok, other=num_groups - 1)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, V_DIM], dtype=tl.float32)
+    acc, m_i, l_i = softmax_state(BLOCK_M, V_DIM)
     n_sinks = tl.minimum(sinks, seq_len)
     zero = tl.zeros([BLOCK_M], dtype=tl.int32)
 
@@ -207,7 +213,7 @@ def condensed_attention_triton(
     check_inputs(q, k, v, attn_mask, recent, group, sinks, pooling, block_size)
     batch, heads, seq_len, head_dim = q.shape
     v_dim = v.shape[-1]
-    out = q.new_empty(batch, seq_len, heads, v_dim).transpose(1, 2)
+    out = empty_sdpa_layout(q, v_dim)
     if seq_len == 0 or batch * heads == 0:
         return out
     geo = Geometry(seq_len, recent, group, sinks, bool(is_causal))

@@ -73,32 +73,4 @@ def _merged_attention_fake(q, k, v, attn_mask, is_causal, scale, ratio, r, mode,
     return empty_sdpa_layout(q, v.shape[-1])
 
 
-@torch.library.custom_op(
-    "attnrw::merged_attention_backward",
-    mutates_args=(),
-    schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float scale, "
-    "float ratio, int r, str mode, int[] protect, bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)",
-)
-def merged_attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    ratio: float,
-    r: int,
-    mode: str,
-    protect: list[int],
-    mask_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`merged_attention` for q, k, v and (when ``mask_grad``) the float mask.
-
-    The merge selection is a constant; the averaging, the bias and the
-    attention are differentiated. The mask gradient is empty when not asked for.
-    """
-    return merged_attention_grads(grad_out, q, k, v, attn_mask, is_causal, scale, ratio, r, mode, protect, mask_grad)
-
-
-register_backward(merged_attention, merged_attention_backward)
+merged_attention_backward = register_backward(merged_attention, merged_attention_grads)

@@ -255,7 +255,7 @@ def merged_attention_grads(
 
     Recomputes the plan (a constant: the selection is discrete), then the
     merged tensors and bias, and differentiates by explicit math: the
-    attention by :func:`attnrw.kernels.attention.reference.attention_grads`,
+    attention by :func:`attnrw.kernels.common.dense.attention_grads`,
     the means by spreading grad / size over the members, the restore by
     summing over them, the bias by the softmax weights of the members inside
     each log-sum-exp (and 1 / size for the query mean). Returns (dq, dk, dv,

@@ -22,7 +22,16 @@ import triton
 import triton.language as tl
 
 from attnrw.kernels.common.layout import empty_sdpa_layout
-from attnrw.kernels.common.triton import LOG2E, attend_span, load_rows, mask_operand, store_rows, tiles
+from attnrw.kernels.common.triton import (
+    LOG2E,
+    attend_span,
+    load_rows,
+    mask_operand,
+    program_head,
+    softmax_state,
+    store_rows,
+    tiles,
+)
 
 
 @triton.jit
@@ -70,16 +79,11 @@ def _biased_fwd_kernel(
 ):
     """Grid: (query tiles, batch * heads)."""
     pid = tl.program_id(0)
-    zh = tl.program_id(1)
-    z = (zh // heads).to(tl.int64)
-    h = (zh % heads).to(tl.int64)
-    kvh = h // group
+    z, h, kvh = program_head(heads, group)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_len
     q = load_rows(Q + z * stride_qz + h * stride_qh, offs_m, row_ok, stride_qm, stride_qd, head_dim, HEAD_DIM, DOT_FP32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, V_DIM], dtype=tl.float32)
+    acc, m_i, l_i = softmax_state(BLOCK_M, V_DIM)
     # No band: every row may see every key.
     zero = tl.zeros([BLOCK_M], dtype=tl.int32)
     acc, m_i, l_i = attend_span(

@@ -59,28 +59,4 @@ def _sparse_attention_fake(q, k, v, attn_mask, is_causal, scale, window, sinks, 
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-@torch.library.custom_op("attnrw::sparse_attention_backward", mutates_args=())
-def sparse_attention_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    scale: float,
-    window: int,
-    sinks: int,
-    topk: int,
-    block_size: int,
-    mask_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`sparse_attention` for q, k, v and (when ``mask_grad``) the float mask.
-
-    The mask gradient is an empty tensor when not asked for.
-    """
-    return sparse_attention_grads(
-        grad_out, q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size, mask_grad
-    )
-
-
-register_backward(sparse_attention, sparse_attention_backward)
+sparse_attention_backward = register_backward(sparse_attention, sparse_attention_grads)

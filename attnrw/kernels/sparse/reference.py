@@ -169,13 +169,12 @@ def _window_layout(geo: _Geometry, device: torch.device) -> tuple[torch.Tensor, 
 
 
 @functools.lru_cache(maxsize=16)
-def _windowadditive(geo: _Geometry, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _window_bias(geo: _Geometry, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The window's allowed mask as an additive 0 / -inf mask (nb, bs, L_window) in ``dtype``.
 
     SDPA would otherwise convert the bool mask to this on every call.
     """
-    _, allowed = _window_layout(geo, device)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    return additive(_window_layout(geo, device)[1], dtype)
 
 
 @dataclass
@@ -282,7 +281,7 @@ def _fold(c: _Chunk, geo: _Geometry, qbs: slice) -> _Folded:
         Part(
             _window_view(c.k_rows, geo)[:, qbs],
             _window_view(c.v_rows, geo)[:, qbs],
-            _windowadditive(geo, dev, dtype)[None, qbs],
+            _window_bias(geo, dev, dtype)[None, qbs],
             wpos[None, qbs],
         )
     ]
@@ -356,7 +355,12 @@ def sparse_attention_torch(
                 attend_part(f.q, p, scale, need_lse=len(f.parts) > 1, may_be_empty=c.mask is not None or i > 0)
                 for i, p in enumerate(f.parts)
             ]
-            o = results[0][0] if len(results) == 1 else merge_partials([r[0] for r in results], [r[1] for r in results])
+            if len(results) == 1:
+                o = results[0][0]
+            else:
+                # A float user mask may hold finfo.min rows: the merge needs the parts' masks for them.
+                masks = [p.mask for p in f.parts] if c.mask is not None and c.mask.is_floating_point() else None
+                o = merge_partials([r[0] for r in results], [r[1] for r in results], masks)
             lo, hi = qbs.start * block_size, min(qbs.stop * block_size, seq_len)
             out[c.batch, c.heads, lo:hi] = o.flatten(1, 2)[:, : hi - lo]
     return out

@@ -25,7 +25,17 @@ import triton
 import triton.language as tl
 
 from attnrw.kernels.common.shapes import cdiv
-from attnrw.kernels.common.triton import LOG2E, attend_span, block_tile, load_rows, mask_operand, store_rows, tiles
+from attnrw.kernels.common.triton import (
+    LOG2E,
+    attend_span,
+    block_tile,
+    load_rows,
+    mask_operand,
+    program_head,
+    softmax_state,
+    store_rows,
+    tiles,
+)
 from attnrw.kernels.sparse.layout import check_inputs, select_blocks
 
 
@@ -84,19 +94,14 @@ def _sparse_fwd_kernel(
 ):
     """Grid: (query tiles, batch * heads); see :func:`attnrw.kernels.common.triton.block_tile`."""
     pid = tl.program_id(0)
-    zh = tl.program_id(1)
-    z = (zh // heads).to(tl.int64)
-    h = (zh % heads).to(tl.int64)
-    kvh = h // group
+    z, h, kvh = program_head(heads, group)
     qb, row0, offs_m, row_ok = block_tile(pid, block_size, seq_len, tiles_per_block, BLOCK_M)
     q = load_rows(Q + z * stride_qz + h * stride_qh, offs_m, row_ok, stride_qm, stride_qd, head_dim, HEAD_DIM, DOT_FP32)
     k_ptr = K + z * stride_kz + kvh * stride_kh
     v_ptr = V + z * stride_vz + kvh * stride_vh
     mask_ptr = Mask + z * stride_mz + h * stride_mh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, V_DIM], dtype=tl.float32)
+    acc, m_i, l_i = softmax_state(BLOCK_M, V_DIM)
     zero = tl.zeros([BLOCK_M], dtype=tl.int32)
     # The last key a row may see outside its band (sinks, top-k blocks): causality only.
     if IS_CAUSAL:
