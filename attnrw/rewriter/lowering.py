@@ -46,6 +46,7 @@ class SiteCall:
     values: Mapping[str, Any] = field(default_factory=dict)
     note: str = ""
     score_bias: Callable[..., Any] | None = None
+    kept: bool = False  # the policy kept the site dense (a Keep)
 
     @property
     def op_name(self) -> str:
@@ -56,7 +57,7 @@ def lower_site(m: Match, policy: Policy) -> SiteCall:
     """Ask ``policy`` how to lower the site of ``m``; a :class:`Keep` becomes the dense op with its reason."""
     lowering = policy.lower(m.site)
     if isinstance(lowering, Keep):
-        return SiteCall(torch.ops.attnrw.attention.default, {"is_causal": m.is_causal}, lowering.reason)
+        return SiteCall(torch.ops.attnrw.attention.default, {"is_causal": m.is_causal}, lowering.reason, kept=True)
     if not isinstance(lowering, Lowering):
         raise TypeError(
             f"{type(policy).__name__}.lower() must return attnrw.Lowering or attnrw.Keep, got {lowering!r}"

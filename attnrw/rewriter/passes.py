@@ -106,7 +106,8 @@ def replace(gm: GraphModule, ctx: PassContext) -> None:
         m.replace.replace_all_uses_with(out)
         _drop_asserts(gm, m.interior)
         ctx.emitted[i] = node
-        ctx.report.decisions.append(Decision(site.node, site.module_path, policy.name, call.op_name, call.note))
+        cost = 1.0 if call.kept else float(policy.cost(site))
+        ctx.report.decisions.append(Decision(site.node, site.module_path, policy.name, call.op_name, call.note, cost))
 
 
 def drop_replaced(gm: GraphModule, ctx: PassContext) -> None:

@@ -17,9 +17,12 @@ class Decision:
     policy: str
     op: str | None
     note: str = ""
+    #: The site's attention FLOPs under the policy as a fraction of dense (``Policy.cost``); None if not rewritten.
+    cost: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(node=self.node, module_path=self.module_path, policy=self.policy, op=self.op, note=self.note)
+        return dict(node=self.node, module_path=self.module_path, policy=self.policy, op=self.op, note=self.note,
+                    cost=self.cost)
 
 
 @dataclass
@@ -82,8 +85,9 @@ class Report:
             ]
             lines += ["", "Sites:", *_table(header, rows)]
         if self.decisions:
-            rows = [(d.module_path or "<root>", d.policy, d.op or "-", d.note) for d in self.decisions]
-            lines += ["", "Rewrites:", *_table(("module", "policy", "op", "note"), rows)]
+            rows = [(d.module_path or "<root>", d.policy, d.op or "-", "-" if d.cost is None else f"{d.cost:.3g}", d.note)
+                    for d in self.decisions]
+            lines += ["", "Rewrites:", *_table(("module", "policy", "op", "flops", "note"), rows)]
         if self.skipped:
             rows = [(s.module_path or "<root>", s.node, s.reason) for s in self.skipped]
             lines += ["", "Skipped:", *_table(("module", "node", "reason"), rows)]
