@@ -1,6 +1,8 @@
 """ONNX export of rewritten models: ``attnrw.export.to_onnx``.
 
-Each attnrw op has a translation into standard ONNX operators:
+Each attnrw op has a translation into standard ONNX operators, registered by
+op in its own module with :func:`register_translation` (which a policy with
+its own op calls too; :mod:`attnrw.export.registry`):
 
 * ``attnrw::attention`` -> one ``Attention`` node at opset >= 23, else
   MatMul / Softmax / MatMul (:mod:`attnrw.export.dense`);
@@ -19,14 +21,9 @@ atomically. This package imports onnx, onnxscript and onnxruntime;
 ``import attnrw`` loads it only when ``attnrw.export`` is first used.
 """
 
-from attnrw.export.api import (
-    DEFAULT_OPSET,
-    MAX_OPSET,
-    MIN_OPSET,
-    supported_opsets,
-    to_onnx,
-    translation_table,
-)
+from attnrw.export import dense, merge, sparse, tokens  # noqa: F401  (each registers its translations)
+from attnrw.export.api import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, supported_opsets, to_onnx
+from attnrw.export.registry import register_translation, translation_table
 from attnrw.export.verify import Comparison, verify_file
 from attnrw.errors import OutputExistsError  # re-exported: it was defined here before
 from attnrw.shapes import dynamic_seq_shapes
@@ -39,6 +36,7 @@ __all__ = [
     "Comparison",
     "OutputExistsError",
     "dynamic_seq_shapes",
+    "register_translation",
     "seq_dynamic_shapes",
     "supported_opsets",
     "to_onnx",

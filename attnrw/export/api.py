@@ -18,11 +18,7 @@ from attnrw.errors import AttnrwError, ConfigError
 from attnrw.files import check_output, write_atomically
 from attnrw.policies import Dense
 from attnrw.shapes import dynamic_seq_errors, dynamic_seq_shapes
-from attnrw.export.dense import dense_translation
-from attnrw.export.merge import check_exportable as check_merge_exportable
-from attnrw.export.merge import merged_translation
-from attnrw.export.sparse import check_exportable, sparse_translation
-from attnrw.export.tokens import merge_tokens, restore_tokens, tokens_translation
+from attnrw.export.registry import check_translatable, translation_table
 from attnrw.export.verify import verify_file
 
 logger = logging.getLogger("attnrw.export")
@@ -52,45 +48,6 @@ def check_opset(opset: Any) -> int:
             f"use {DEFAULT_OPSET} (the default) for the native Attention kernel of onnxruntime"
         )
     return opset
-
-
-def translation_table(opset: int) -> dict[Any, Callable[..., Any]]:
-    """``custom_translation_table`` for ``torch.onnx.export``: every attnrw op with an ONNX form."""
-    ops = torch.ops.attnrw
-    table: dict[Any, Callable[..., Any]] = {ops.attention.default: dense_translation(opset)}
-    # The sparse op lives in another kernel package; export what is registered.
-    if hasattr(ops, "sparse_attention"):
-        table[ops.sparse_attention.default] = sparse_translation(opset)
-    if hasattr(ops, "merged_attention"):
-        table[ops.merged_attention.default] = merged_translation(opset)
-    if hasattr(ops, "tokens_attention"):  # Merge(mode="tokens"): the site and the ops that carry its tokens
-        table[ops.tokens_attention.default] = tokens_translation(opset)
-        table[ops.merge_tokens.default] = merge_tokens
-        table[ops.restore_tokens.default] = restore_tokens
-    return table
-
-
-def check_translatable(program: torch.export.ExportedProgram, table: Mapping[Any, Any]) -> None:
-    """Fail before exporting, with a ``ConfigError`` that says what to do, on attnrw ops ONNX cannot hold."""
-    for node in program.graph.nodes:
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-            continue
-        if target.namespace != "attnrw":
-            continue
-        if target not in table:
-            raise ConfigError(
-                f"torch.ops.attnrw.{target.__name__} (at {node.name}) has no ONNX translation; ONNX export "
-                "supports the Dense, Sparse(topk=0) and Merge (mode 'kv', 'qkv' or 'tokens') policies. "
-                "Rewrite with one of those for export."
-            )
-        if target.name() == "attnrw::sparse_attention":
-            topk = node.args[8] if len(node.args) > 8 else node.kwargs.get("topk", 0)
-            check_exportable(int(topk))
-        if target.name() == "attnrw::merged_attention":
-            is_causal = node.args[4] if len(node.args) > 4 else node.kwargs.get("is_causal", False)
-            mode = node.args[8] if len(node.args) > 8 else node.kwargs.get("mode", "kv")
-            check_merge_exportable(str(mode), bool(is_causal))
 
 
 def _has_symbolic_inputs(program: torch.export.ExportedProgram) -> bool:

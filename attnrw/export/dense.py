@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import onnx_ir as ir
+import torch
 from onnxscript import opset18 as op
 from onnxscript import opset23 as op23
 
@@ -34,6 +35,8 @@ from attnrw.export._graph import (
     static_dim,
     to_rank4,
 )
+from attnrw.export.registry import register_translation
+from attnrw.kernels import attention as _attention_op  # noqa: F401  (registers torch.ops.attnrw.attention)
 
 #: First opset with the standard ``Attention`` operator.
 ATTENTION_OPSET = 23
@@ -126,3 +129,6 @@ def attention_decomposed(
     # Without a mask every row sees at least one key and Softmax needs no guard.
     p = masked_softmax(scores, guard_empty_rows=attn_mask is not None)
     return op.MatMul(p, v)
+
+
+register_translation(torch.ops.attnrw.attention.default, dense_translation, per_opset=True)

@@ -68,6 +68,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 import onnxscript.evaluator
+import torch
 from onnxscript import opset18 as op
 from onnxscript import opset23 as op23
 
@@ -77,6 +78,8 @@ from attnrw.export._graph import (
     Value, const, dim, ints, masked_softmax, neg_inf_like, rank, scalar, static_dim, to_rank4, zero_like,
 )
 from attnrw.export.dense import ATTENTION_OPSET
+from attnrw.export.registry import register_translation
+from attnrw.kernels import merge as _merge_ops  # noqa: F401  (registers torch.ops.attnrw.merged_attention)
 
 #: The modes with an ONNX form (all the op has).
 EXPORTABLE_MODES = ("kv", "qkv")
@@ -559,3 +562,8 @@ def _restore(out: Value, plan: _Plan) -> Value:
 def _gather_rows(rows: Value, index: Value) -> Value:
     """(B, M, ...) -> (B, N, ...): row ``index[b, n]`` of batch element ``b`` for every token ``n``."""
     return op.GatherND(rows, op.Unsqueeze(index, ints(2)), batch_dims=1)
+
+
+register_translation(
+    torch.ops.attnrw.merged_attention.default, merged_translation, check=check_exportable, per_opset=True
+)

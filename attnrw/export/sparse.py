@@ -33,12 +33,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import torch
 from onnxscript import opset18 as op
 from onnxscript import opset23 as op23
 
 from attnrw.policies import DEFAULT_BLOCK_SIZE
 from attnrw.errors import ConfigError
 from attnrw.export.dense import ATTENTION_OPSET
+from attnrw.export.registry import register_translation
+from attnrw.kernels import sparse as _sparse_op  # noqa: F401  (registers torch.ops.attnrw.sparse_attention)
 from attnrw.export._graph import (
     Value,
     const,
@@ -352,3 +355,8 @@ def _gather_mask(mask: Value, q_pos: Value, k_pos: Value, seq: Value) -> Value:
     flat = op.Reshape(mask, ints(0, 0, -1))  # (mb, mh, S·S)
     idx = op.Add(op.Mul(op.Unsqueeze(q_idx, ints(2)), key_len), op.Unsqueeze(k_idx, ints(1)))  # (nb, C, K)
     return op.Gather(flat, idx, axis=2)
+
+
+register_translation(
+    torch.ops.attnrw.sparse_attention.default, sparse_translation, check=check_exportable, per_opset=True
+)

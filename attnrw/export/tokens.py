@@ -60,10 +60,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import torch
 from onnxscript import opset18 as op
 
 from attnrw.export._graph import Value, const, dim, ints, rank, static_dim, to_rank4
 from attnrw.export.dense import ATTENTION_OPSET
+from attnrw.export.registry import register_translation
 from attnrw.export.merge import (
     _acc_dtype,
     _additive,
@@ -264,3 +266,8 @@ class _Layout:
 
 def _transpose(x: Value, perm: list[int]) -> Value:
     return x if perm == sorted(perm) else op.Transpose(x, perm=perm)
+
+
+register_translation(torch.ops.attnrw.tokens_attention.default, tokens_translation, per_opset=True)
+register_translation(torch.ops.attnrw.merge_tokens.default, merge_tokens)
+register_translation(torch.ops.attnrw.restore_tokens.default, restore_tokens)

@@ -14,6 +14,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from attnrw.errors import VerificationError
+from attnrw.metrics import relative_l2
 
 logger = logging.getLogger("attnrw.export")
 
@@ -25,12 +26,17 @@ DEFAULT_ATOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2, t
 
 @dataclass(frozen=True)
 class Comparison:
-    """Errors of one output: max |onnx - torch|, and that over max |torch| (the output's scale)."""
+    """Errors of one output: max |onnx - torch|, that over max |torch| (the output's scale), and the relative L2.
+
+    ``rel_l2`` is :func:`attnrw.metrics.relative_l2`, the measure of
+    ``Auto``'s budget, so an export's error and a rewrite's read alike.
+    """
 
     name: str
     max_abs: float
     max_rel: float
     atol: float
+    rel_l2: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -109,17 +115,18 @@ def compare(expected: Sequence[torch.Tensor], actual: Sequence[np.ndarray], atol
         tol = atol if atol is not None else DEFAULT_ATOL.get(ref.dtype, 0.0)
         if not ref.is_floating_point():
             wrong = int((ref != got.to(ref.dtype)).sum())
-            result.append(Comparison(f"output {i}", float(wrong), float(wrong), 0.0))
+            result.append(Comparison(f"output {i}", float(wrong), float(wrong), 0.0, math.inf if wrong else 0.0))
             continue
         ref64, got64 = ref.double(), got.double()
         nan_ref, nan_got = torch.isnan(ref64), torch.isnan(got64)
         if not torch.equal(nan_ref, nan_got):
-            result.append(Comparison(f"output {i}", math.inf, math.inf, tol))
+            result.append(Comparison(f"output {i}", math.inf, math.inf, tol, math.inf))
             continue
-        diff = (ref64 - got64).abs().masked_fill(nan_ref, 0.0)
+        ref64, got64 = ref64.masked_fill(nan_ref, 0.0), got64.masked_fill(nan_ref, 0.0)
+        diff = (ref64 - got64).abs()
         max_abs = float(diff.max()) if diff.numel() else 0.0
-        scale = float(ref64.masked_fill(nan_ref, 0.0).abs().max()) if ref64.numel() else 0.0
-        result.append(Comparison(f"output {i}", max_abs, max_abs / max(scale, 1e-30), tol))
+        scale = float(ref64.abs().max()) if ref64.numel() else 0.0
+        result.append(Comparison(f"output {i}", max_abs, max_abs / max(scale, 1e-30), tol, relative_l2(got64, ref64)))
     return result
 
 
@@ -139,10 +146,17 @@ def verify_file(
     actual = onnxruntime_outputs(path, flat_user_inputs(program, args, kwargs))
     results = compare(expected, actual, atol)
     for r in results:
-        logger.info("verify %s: max abs error %.3g, max rel error %.3g (atol %.3g)", r.name, r.max_abs, r.max_rel, r.atol)
+        logger.info(
+            "verify %s: max abs error %.3g, max rel error %.3g, relative L2 %.3g (atol %.3g)",
+            r.name, r.max_abs, r.max_rel, r.rel_l2, r.atol,
+        )
     bad = [r for r in results if not r.ok]
     if bad:
-        lines = "; ".join(f"{r.name}: max abs error {r.max_abs:.3g} > atol {r.atol:.3g} (max rel error {r.max_rel:.3g})" for r in bad)
+        lines = "; ".join(
+            f"{r.name}: max abs error {r.max_abs:.3g} > atol {r.atol:.3g} "
+            f"(max rel error {r.max_rel:.3g}, relative L2 {r.rel_l2:.3g})"
+            for r in bad
+        )
         raise VerificationError(
             f"the ONNX model does not match PyTorch in onnxruntime: {lines}. No file was written. "
             "Report this with the model; to write the file anyway pass verify=False."

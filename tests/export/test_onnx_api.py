@@ -153,3 +153,23 @@ def test_import_attnrw_does_not_import_onnx():
         "assert not bad, bad; attnrw.export.to_onnx; assert 'onnx' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+class _FixedLength(torch.nn.Module):
+    """A position table of 7 rows: the sequence length cannot vary."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = torch.nn.Parameter(torch.zeros(7, 6))
+
+    def forward(self, x, attention_mask):
+        return x + self.pos + attention_mask.unsqueeze(-1)
+
+
+def test_dynamic_seq_on_a_fixed_length_model_names_the_input(tmp_path):
+    from attnrw.errors import DynamicShapeError
+
+    args = (torch.randn(2, 7, 6), torch.ones(2, 7))
+    with pytest.raises(DynamicShapeError, match=r"x \(dim 1, fixed to 7\)"):
+        to_onnx(_FixedLength(), args, tmp_path / "m.onnx", dynamic_seq=True)
+    assert _leftovers(tmp_path) == []
