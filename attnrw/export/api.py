@@ -190,7 +190,7 @@ def to_onnx(
         program = model_or_program
         if dynamic_shapes is not None:
             raise ConfigError("dynamic_shapes= applies to a module; a program keeps the shapes it was exported with")
-        if not (isinstance(policy, Dense) and policy == Dense()):
+        if policy != Dense():
             raise ConfigError("policy= applies to a module; a program is exported with the rewrites it already holds")
         if dynamic_seq and not _has_symbolic_inputs(program):
             raise ConfigError(

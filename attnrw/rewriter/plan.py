@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnrw.policies import Dense, Policy, policy_from_dict
+from attnrw.policies import Policy, policy_from_dict
+from attnrw.policies.dense import is_dense
 from attnrw.errors import AttnrwError, PlanError
 from attnrw.files import write_atomically
 from attnrw.patterns.match import Match
@@ -181,7 +182,7 @@ class Plan:
     # -- reporting --------------------------------------------------------
     @property
     def all_dense(self) -> bool:
-        return all(isinstance(e.policy, Dense) for e in self.entries)
+        return all(is_dense(e.policy) for e in self.entries)
 
     def __str__(self) -> str:
         from attnrw.rewriter.report import _table
