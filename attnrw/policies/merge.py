@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 import torch
 
 from attnrw.errors import ConfigError
+from attnrw.kernels.merge.plan import exact_count, merge_count
 from attnrw.policies.base import (
     IMPLS,
     Keep,
@@ -96,12 +98,35 @@ class Merge(Policy):
         return Lowering(torch.ops.attnrw.merged_attention.default, kwargs, note)
 
     def cost(self, site: AttentionSite) -> float:
+        """Attention FLOPs on the merged tokens over dense; in ``tokens`` mode on the tokens the site receives.
+
+        ``kv`` shrinks the keys, ``qkv`` and ``tokens`` also the queries. In
+        ``tokens`` mode the earlier sites (graph order) have merged and carried
+        their tokens, so this site starts from fewer than ``kv_len``: with a
+        number or a per-site list the count is followed site by site (with a
+        dict of globs the earlier sites' paths are not known here, so only this
+        site's merge is counted). It assumes every earlier site is a carried
+        ``tokens`` site of this policy; where the tokens pass fell back, the
+        report says so and the site costs more than this.
+        """
         if site.causal or site.kv_len <= 0:
             return 1.0
+        if self.mode == "kv" or not site.self_attention:
+            return self._kept(site, site.kv_len) / site.kv_len
+        if self.mode == "qkv":
+            return (self._kept(site, site.kv_len) / site.kv_len) ** 2
+        n = site.kv_len
+        if not isinstance(self.ratio if self.ratio is not None else self.r, dict):
+            for j in range(site.index):
+                n = self._kept(dataclasses.replace(site, index=j), n)
+        return (self._kept(site, n) / site.kv_len) ** 2
+
+    def _kept(self, site: AttentionSite, tokens: int) -> int:
+        """Tokens left after this policy merges at ``site`` from ``tokens`` (the count tokens mode uses)."""
         ratio, r = self.amount(site)
-        kept = 1.0 - (ratio if r < 0 else min(r, site.kv_len) / site.kv_len)
-        # kv shrinks the keys; qkv and tokens also the queries.
-        return kept if self.mode == "kv" or not site.self_attention else kept * kept
+        if self.mode == "tokens":
+            return tokens - exact_count(tokens, ratio, r, len(self.protect))
+        return tokens - merge_count(tokens, ratio, r)
 
 
 def _schedule(owner: str, name: str, value: Any, check: Callable[[str, str, Any], None]) -> Schedule:
