@@ -113,7 +113,7 @@ def test_flags_parse_into_field_types() -> None:
 
 def test_auto_candidates_take_json() -> None:
     got = policy("--policy", "auto", "--budget", "0.1", "--calib", "2",
-                 "--candidates", '[{"policy": "sparse", "window": 8}, {"policy": "dense"}]')
+                 "--candidates", '[{"policy": "sparse", "window": 8, "sinks": 0}, {"policy": "dense"}]')
     assert isinstance(got, Auto) and got.calib == 2 and got.budget == 0.1
     assert [c.to_dict() for c in got.candidates] == [
         {"policy": "sparse", "window": 8, "sinks": 0, "topk": 0, "block_size": 64, "impl": "auto"},
