@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -208,6 +209,11 @@ def _load_hf(spec: str, batch: int, seq_len: int) -> LoadedModel:
     if not (folder / "config.json").is_file():
         raise ModelSpecError(f"{str(folder)!r} has no config.json; point hf: at a saved model folder")
     if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").is_file():
+        if not any(p.suffix in PICKLED_WEIGHTS for p in folder.iterdir()):
+            raise ModelSpecError(
+                f"{str(folder)!r} has a config.json but no weights (no *.safetensors file); point hf: at "
+                "a folder written by model.save_pretrained(folder)"
+            )
         raise ModelSpecError(
             f"{str(folder)!r} has no safetensors weights; attnrw loads only safetensors (pickled "
             "weights can run code). Convert them, e.g. model.save_pretrained(folder, safe_serialization=True)"
@@ -220,13 +226,32 @@ def _load_hf(spec: str, batch: int, seq_len: int) -> LoadedModel:
     except ImportError as e:
         raise ModelSpecError("hf: models need transformers: pip install 'attnrw[demo]'") from e
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        model = transformers.AutoModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        with _no_progress_bar_unless_terminal(transformers):
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+            model = transformers.AutoModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     except Exception as e:
         raise ModelSpecError(f"cannot load {spec!r} with transformers: {type(e).__name__}: {e}") from e
     model.eval()
     kwargs = hf_inputs(model, config, batch, seq_len)
     return LoadedModel(model, (), kwargs, spec, lambda: ((), hf_inputs(model, config, batch, seq_len)))
+
+
+@contextlib.contextmanager
+def _no_progress_bar_unless_terminal(transformers: Any) -> Iterator[None]:
+    """transformers draws a "Loading weights" bar on stderr: keep it off a log file or a pipe, and restore it."""
+    hf_logging = transformers.utils.logging
+    was_on = hf_logging.is_progress_bar_enabled()
+    if was_on and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
+
+
+#: Suffixes of weight files attnrw refuses to read (pickles can run code), to tell "no weights" from "pickled".
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
 
 
 def hf_inputs(model: nn.Module, config: Any, batch: int, seq_len: int) -> dict[str, Any]:
@@ -382,9 +407,21 @@ def _add_output(p: argparse.ArgumentParser, suffix: str) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit 2), as every other error.
+
+    argparse prints the whole usage (a dozen lines for a command with policy
+    flags) before the message; here the message names the command and where
+    its options are listed instead.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnrw`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attnrw",
         description="Find the attention in a PyTorch model and rewrite it.",
         epilog="MODEL: NAME.pt2 (read by torch.export.load), pkg.module:fn (runs that code; returns "
@@ -423,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_bench(ns: argparse.Namespace) -> int:
     """``attnrw bench MODEL --policy auto --budget B``: calibrate, rewrite, measure speed and error."""
     policy = policy_from_args(ns)
+    cli_bench.check_args(ns)
     loaded = _load(ns)
     return cli_bench.run(ns, loaded, policy)
 

@@ -159,13 +159,17 @@ def add_parser(sub: Any, add_model: Callable) -> None:
     add_policy_flags(p)
 
 
-def run(ns: argparse.Namespace, loaded: Any, policy: Policy | Plan) -> int:
-    """The ``bench`` command once the model and policy are known."""
+def check_args(ns: argparse.Namespace) -> None:
+    """What ``bench`` can check before the model is loaded: ``--calib``, ``--repeat`` and the output paths."""
+    if ns.calib < 1 or ns.repeat < 1:
+        raise ConfigError("--calib and --repeat must be at least 1")
     for path in (ns.plot, ns.plan_out):
         if path:
             check_output(path, ns.force, CLI_HINT)
-    if ns.calib < 1 or ns.repeat < 1:
-        raise ConfigError("--calib and --repeat must be at least 1")
+
+
+def run(ns: argparse.Namespace, loaded: Any, policy: Policy | Plan) -> int:
+    """The ``bench`` command once the model and policy are known (and :func:`check_args` has passed)."""
     calib = [(loaded.args, loaded.kwargs)]
     if ns.calib > 1:
         if loaded.fresh_inputs is None:

@@ -7,6 +7,8 @@ console script in a subprocess.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -63,6 +65,10 @@ def factory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
             def fixed_length():
                 return FixedLength(), (torch.randn(2, 8, 4),)
+
+            def marks():
+                open("loaded.marker", "w").close()
+                return good()
             """
         )
     )
@@ -76,7 +82,7 @@ def factory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys)
-    assert code == 2 and "usage:" in err
+    assert_usage_error(code, err, "COMMAND", "see attnrw --help")
 
 
 def test_help_and_version_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,16 +134,36 @@ def test_batch_only_for_hf(capsys: pytest.CaptureFixture[str], factory_dir: Path
     "flags, needle",
     [
         (["--policy", "nosuch"], "unknown policy 'nosuch'"),
-        (["--policy", "sparse"], "window"),
-        (["--policy", "sparse", "--window", "0"], "Sparse.window"),
-        (["--policy", "dense", "--window", "8"], "unknown option(s) 'window'"),
-        (["--policy", "merge", "--ratio", "1.5"], "Merge.ratio"),
-        (["--policy", "merge", "--ratio", "0.5", "--mode", "bad"], "Merge.mode"),
+        (["--policy", "sparse"], "--policy sparse needs --window"),
+        (["--policy", "sparse", "--window", "0"], "--window must be >= 1, got 0"),
+        (["--policy", "dense", "--window", "8"], "--window is not a flag of --policy dense (--window goes with --policy sparse;"),
+        (["--policy", "dense", "--sinks", "8"], "--sinks goes with --policy sparse or condense"),
+        (["--policy", "merge", "--ratio", "1.5"], "--ratio must be a number in [0, 1)"),
+        (["--policy", "merge", "--ratio", "0.5", "--mode", "bad"], "--mode must be one of"),
+        (["--policy", "auto", "--budget", "0.1", "--candidates", '[{"policy": "sparse"}]'],
+         '--candidates: the "sparse" policy object needs the key "window"'),
     ],
 )
 def test_bad_policy_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], needle: str) -> None:
     code, _, err = run_cli(capsys, "rewrite", "clifactories:good", "-o", str(tmp_path / "o.pt2"), *flags)
     assert_usage_error(code, err, needle)
+    assert not re.search(r"\b[A-Z][a-z]+\.[a-z_]+\b|__init__|positional argument", err), "Python words: " + err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["rewrite", "clifactories:good"], "attnrw rewrite: error: the following arguments are required: -o/--output"),
+        (["inspect", "clifactories:good", "--bogus"], "unrecognized arguments: --bogus"),
+        (["rewrite", "clifactories:good", "-o", "x.pt2", "--window"], "--window: expected one argument"),
+        (["bench", "clifactories:good", "--repeat", "many"], "--repeat: invalid int value: 'many'"),
+    ],
+)
+def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert_usage_error(code, err, needle, "--help")
+    assert "usage:" not in err
 
 
 def test_policy_flags_parse() -> None:
@@ -160,6 +186,44 @@ def test_existing_output_needs_force(capsys: pytest.CaptureFixture[str], factory
 def test_missing_output_folder(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
     code, _, err = run_cli(capsys, "rewrite", "clifactories:good", "-o", str(factory_dir / "nodir" / "o.pt2"))
     assert_usage_error(code, err, "does not exist")
+
+
+def _unwritable_folder() -> Path:
+    """A folder that exists but cannot be written in, even as root (sysfs); skip where there is none."""
+    folder = Path("/sys")
+    if not folder.is_dir() or os.access(folder, os.W_OK) and _can_create_in(folder):
+        pytest.skip("no unwritable folder on this machine")
+    return folder
+
+
+def _can_create_in(folder: Path) -> bool:
+    try:
+        (folder / ".attnrw-test-probe").touch()
+    except OSError:
+        return False
+    (folder / ".attnrw-test-probe").unlink()
+    return True
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["rewrite", "clifactories:marks", "-o", "{folder}/m.pt2"],
+        ["export", "clifactories:marks", "-o", "{folder}/m.onnx"],
+        ["bench", "clifactories:marks", "--plan-out", "{folder}/plan.json", "--policy", "auto", "--budget", "0.1"],
+        ["bench", "clifactories:marks", "--plot", "{folder}/plan.png"],
+    ],
+)
+def test_unwritable_output_folder_is_found_before_loading(
+    capsys: pytest.CaptureFixture[str], factory_dir: Path, argv: list[str]
+) -> None:
+    folder = _unwritable_folder()
+    argv = [a.format(folder=folder) for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    out = next(a for a in argv if a.startswith(str(folder)))
+    assert_usage_error(code, err, f"cannot write {out!r}", "not writable")
+    assert ".partial" not in err and ".probe" not in err, "no internal temporary name"
+    assert not (factory_dir / "loaded.marker").exists(), "the model must not be loaded before the check"
 
 
 def test_export_existing_output_needs_force(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
@@ -190,8 +254,9 @@ def test_export_bad_spec_and_unwritable_path(capsys: pytest.CaptureFixture[str],
     assert code == 2 and "nosuchpkg_attnrw" in err
     blocker = factory_dir / "afile"
     blocker.write_text("")
-    code, _, err = run_cli(capsys, "export", "clifactories:good", "-o", str(blocker / "m.onnx"))
-    assert code == 2 and "does not exist" in err
+    for out in (blocker / "m.onnx", blocker / "sub" / "m.onnx"):
+        code, _, err = run_cli(capsys, "export", "clifactories:good", "-o", str(out))
+        assert_usage_error(code, err, f"{str(blocker)!r} is a file, not a folder")
     assert not (factory_dir / "m.onnx").exists()
 
 
@@ -266,6 +331,14 @@ def test_hf_refuses_pickled_weights(capsys: pytest.CaptureFixture[str], tmp_path
     assert_usage_error(*run_cli(capsys, "inspect", f"hf:{tmp_path}")[::2], "no safetensors weights")
 
 
+def test_hf_folder_without_weights(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model, _, _ = ZOO["bert_eager"]()
+    model.config.save_pretrained(tmp_path)
+    code, _, err = run_cli(capsys, "inspect", f"hf:{tmp_path}")
+    assert_usage_error(code, err, "has a config.json but no weights", "save_pretrained")
+    assert "pickled" not in err
+
+
 # --- dynamic sequence axis and atomic writes ----------------------------------------------
 
 
@@ -332,6 +405,8 @@ def test_inspect_factory(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(capsys, "inspect", "tests.zoo:bert_eager")
     assert code == 0, err
     assert "2 attention site(s)" in out and "encoder.layer.1.attention.self" in out
+    summary = out.splitlines()[0]
+    assert summary.endswith("(read only)") and "rewritten" not in summary, summary
     code, out, err = run_cli(capsys, "inspect", "tests.zoo:bert_eager", "--json")
     assert code == 0, err
     assert [s["module_path"] for s in json.loads(out)["sites"]] == [
