@@ -310,7 +310,9 @@ def test_hf_text_inputs(tmp_path: Path) -> None:
 def test_hf_encoder_decoder_inputs(tmp_path: Path) -> None:
     _save_hf("bart_eager", tmp_path)
     loaded = cli.load_model(f"hf:{tmp_path}", seq_len=6)
-    assert loaded.kwargs["decoder_input_ids"].shape == (1, 6) and loaded.kwargs["use_cache"] is False
+    assert loaded.kwargs["decoder_input_ids"].shape == (1, 6)
+    assert loaded.model.config.use_cache is False and "use_cache" not in loaded.kwargs
+    loaded.model(**loaded.kwargs)  # no cache object in the output: torch.export can flatten it
 
 
 def test_hf_vision_inputs(tmp_path: Path) -> None:
@@ -347,7 +349,7 @@ def test_dynamic_seq_shapes_export(name: str) -> None:
     model, args, kwargs = ZOO[name]()
     shapes = dynamic_seq_shapes(model, args, kwargs)
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
-    assert cli._dynamic_inputs(ep), "the sequence axis should stay dynamic"
+    assert cli.dynamic_axes(ep), "the sequence axis should stay dynamic"
 
 
 def test_dynamic_seq_on_a_fixed_length_model(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
@@ -464,6 +466,55 @@ def test_pt2_model_form(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     code, _, err = run_cli(capsys, "rewrite", str(tmp_path / "mha.pt2"), "-o", str(tmp_path / "mha.attnrw.pt2"))
     assert code == 0, err
     _assert_same_outputs(torch.export.load(tmp_path / "mha.attnrw.pt2"), "mha_cross_batch_first")
+
+
+@pytest.mark.parametrize(
+    "flags, shown",
+    [
+        ([], "dynamic: input_ids dim 1, attention_mask dim 1"),
+        (["--static-shapes"], "static shapes"),
+    ],
+)
+def test_hf_text_models_keep_the_sequence_dynamic_by_default(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], shown: str
+) -> None:
+    _save_hf("bert_sdpa", tmp_path / "bert")
+    out = tmp_path / "bert.pt2"
+    code, stdout, err = run_cli(capsys, "rewrite", f"hf:{tmp_path / 'bert'}", "--seq-len", "12", "-o", str(out), *flags)
+    assert code == 0, err
+    assert shown in stdout, stdout
+    module = torch.export.load(out).module()
+    ids = torch.randint(1, 100, (1, 9))
+    mask = torch.ones(1, 9, dtype=torch.long)
+    if flags:
+        with pytest.raises(Exception, match="12"):
+            module(input_ids=ids, attention_mask=mask)
+    else:
+        got = module(input_ids=ids, attention_mask=mask)
+        assert isinstance(got, dict) and got["last_hidden_state"].shape[1] == 9
+
+
+def test_dynamic_seq_and_static_shapes_contradict(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
+    code, _, err = run_cli(capsys, "rewrite", "clifactories:good", "-o", "o.pt2", "--dynamic-seq", "--static-shapes")
+    assert_usage_error(code, err, "--dynamic-seq and --static-shapes")
+
+
+def test_plain_outputs_replace_library_containers() -> None:
+    """A program that returned a ModelOutput returns a dict of its fields; a namedtuple becomes a tuple."""
+    model, args, kwargs = ZOO["bert_sdpa"]()
+    program = torch.export.export(model, args, kwargs)
+    assert cli.plain_outputs(program) == [type(model(*args, **kwargs)).__qualname__]
+    with torch.no_grad():
+        got, ref = program.module()(*args, **kwargs), model(*args, **kwargs)
+    assert type(got) is dict and list(got) == list(ref.keys())
+    torch.testing.assert_close(got["last_hidden_state"], ref.last_hidden_state)
+
+    class Pair(torch.nn.Module):
+        def forward(self, x: torch.Tensor):
+            return torch.return_types.max(x.max(-1))
+
+    pair = torch.export.export(Pair(), (torch.randn(2, 3),))
+    assert cli.plain_outputs(pair) and type(pair.module()(torch.randn(2, 3))) is tuple
 
 
 def test_hf_folder_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
