@@ -456,6 +456,10 @@ def cmd_rewrite(ns: argparse.Namespace) -> int:
     axes = dynamic_axes(program)
     if wanted and not axes:
         log.warning("--dynamic-seq: torch.export kept every input size static (no sequence axis could vary)")
+    error = None
+    if cli_bench.is_lossy(policy):
+        ref = cli_bench.float_outputs(loaded.model, loaded.args, loaded.kwargs)
+        error = cli_bench.error_line(cli_bench.float_outputs(program, loaded.args, loaded.kwargs), ref, loaded.kwargs)
     replaced = plain_outputs(program)
     if replaced:
         log.info("the program returns plain dicts/tuples in place of %s", ", ".join(replaced))
@@ -466,6 +470,8 @@ def cmd_rewrite(ns: argparse.Namespace) -> int:
         if n.op == "call_function" and getattr(n.target, "namespace", None) == "attnrw"
     )
     print(f"wrote {out}: {ops} call(s) to torch.ops.attnrw.* (policy {_policy_name(policy)}; {_axes_text(axes)})")
+    if error is not None:
+        print(error)
     return EXIT_OK
 
 
@@ -492,7 +498,30 @@ def cmd_export(ns: argparse.Namespace) -> int:
     axes = _seq_dynamic_or_static(wanted, export)
     verified = "not verified" if ns.no_verify else "verified in onnxruntime"
     print(f"wrote {out} (policy {_policy_name(policy)}, {verified}; {_axes_text(axes)})")
+    if cli_bench.is_lossy(policy):
+        print(_onnx_error_line(out, loaded))
     return EXIT_OK
+
+
+def _onnx_error_line(path: Path, loaded: LoadedModel) -> str:
+    """The error of the ONNX file, run in onnxruntime, against the unmodified model on the example inputs.
+
+    The file's inputs carry the names of ``forward``'s parameters; a model
+    whose inputs do not map onto them that way (nested containers) gets the
+    reason instead of a number.
+    """
+    from attnrw.export.verify import onnxruntime_outputs
+
+    ref = cli_bench.float_outputs(loaded.model, loaded.args, loaded.kwargs)
+    forward = loaded.model.module() if isinstance(loaded.model, torch.export.ExportedProgram) else loaded.model
+    try:
+        bound = _inspect.signature(forward.forward).bind(*loaded.args, **loaded.kwargs).arguments
+        named = [(name, value) for name, value in bound.items() if isinstance(value, torch.Tensor)]
+        outputs = onnxruntime_outputs(path, named)
+    except (TypeError, AttnrwError) as e:
+        return f"error against the unmodified model: not measured ({_one_line(e)})"
+    out = [torch.from_numpy(a) for a in outputs if a.dtype.kind == "f"]
+    return cli_bench.error_line(out, ref, loaded.kwargs, of=" of the ONNX file (onnxruntime)")
 
 
 # --- argument parsing -------------------------------------------------------------------

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import attnrw
 from attnrw import cli
+from attnrw.metrics import float_leaves, relative_l2
 from attnrw.errors import ModelSpecError
 from attnrw.files import write_atomically
 from attnrw.shapes import dynamic_seq_shapes
@@ -455,6 +457,52 @@ def test_rewrite_sparse_policy(capsys: pytest.CaptureFixture[str], tmp_path: Pat
     _, args, kwargs = ZOO["gpt2_eager"]()
     with torch.no_grad():
         assert all(t.isfinite().all() for t in outputs_to_tensors(program.module()(*args, **kwargs)))
+
+
+def _printed_error(stdout: str, prefix: str) -> tuple[float, float | None]:
+    """(relative L2, pooled cosine or None) from the error line that starts with ``prefix``."""
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith(prefix)]
+    rel = float(re.search(r"relative L2 ([0-9.e+-]+)", line).group(1))
+    cos = re.search(r"cosine of the mean-pooled token output ([0-9.]+)", line)
+    return rel, float(cos.group(1)) if cos else None
+
+
+@pytest.mark.parametrize("command, suffix", [("rewrite", ".pt2"), ("export", ".onnx")])
+def test_lossy_commands_print_the_error_against_the_unmodified_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str, suffix: str
+) -> None:
+    if command == "export":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / f"bert{suffix}"
+    flags = ["--policy", "sparse", "--window", "2", "--sinks", "0"]
+    code, stdout, err = run_cli(capsys, command, "tests.zoo:bert_sdpa", "-o", str(out), *flags)
+    assert code == 0, err
+    prefix = "error against" if command == "rewrite" else "error of the ONNX file (onnxruntime) against"
+    rel, cos = _printed_error(stdout, prefix)
+    model, args, kwargs = ZOO["bert_sdpa"]()
+    program = attnrw.rewrite(model, args, kwargs, policy=attnrw.Sparse(window=2, sinks=0))
+    with torch.no_grad():
+        ref = float_leaves(model(*args, **kwargs))
+        got = float_leaves(program.module()(*args, **kwargs))
+    assert rel == pytest.approx(relative_l2(got, ref), rel=0.01) and rel > 1e-3
+    mask = kwargs["attention_mask"].double().unsqueeze(-1)
+    pooled = [(t.double() * mask).sum(1) / mask.sum(1) for t in (got[0], ref[0])]
+    expected = torch.nn.functional.cosine_similarity(*pooled, dim=-1).min().item()
+    assert cos == pytest.approx(expected, abs=1e-3)
+
+
+def test_bench_prints_relative_l2_and_pooled_cosine(capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, err = run_cli(capsys, "bench", "tests.zoo:bert_sdpa", "--policy", "sparse", "--window", "2",
+                                "--sinks", "0", "--repeat", "1")
+    assert code == 0, err
+    rel, cos = _printed_error(stdout, "end to end")
+    assert rel > 1e-3 and cos is not None and -1 <= cos <= 1
+
+
+def test_exact_rewrite_prints_no_error_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, stdout, err = run_cli(capsys, "rewrite", "tests.zoo:bert_sdpa", "-o", str(tmp_path / "m.pt2"))
+    assert code == 0, err
+    assert "error against" not in stdout
 
 
 def test_pt2_model_form(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
