@@ -3,9 +3,14 @@
 ::
 
     attnrw inspect MODEL [--json]
-    attnrw rewrite MODEL -o OUT.pt2 [--policy NAME] [policy flags] [--force] [--dynamic-seq]
+    attnrw rewrite MODEL -o OUT.pt2 [--policy NAME] [policy flags] [--force] [--dynamic-seq | --static-shapes]
     attnrw export  MODEL -o OUT.onnx [--policy NAME] [policy flags] [--opset N] [--no-verify]
-                   [--force] [--dynamic-seq]
+                   [--force] [--dynamic-seq | --static-shapes]
+
+``hf:`` text models keep the sequence length dynamic unless ``--static-shapes``
+is given (:mod:`attnrw.shapes` says which axes); a program ``rewrite`` saves
+returns plain dicts and tuples (:func:`plain_outputs`), so it loads with
+``torch`` and ``attnrw`` alone.
 
 The policy flags are generated from the registered policies
 (:mod:`attnrw.cli_flags`): one per field, e.g. ``--window``, ``--size-bias``,
@@ -42,6 +47,7 @@ import logging
 import os
 import re
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,11 +56,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 import attnrw
 from attnrw import cli_bench
 from attnrw.cli_flags import CALLABLE_SPEC, add_policy_flags, given_flags, import_callable, policy_from_flags
-from attnrw.errors import AttnrwError, ConfigError, ModelSpecError, VerificationError
+from attnrw.errors import AttnrwError, ConfigError, DynamicShapeError, ModelSpecError, VerificationError
 from attnrw.files import CLI_HINT, check_output, write_atomically
 from attnrw.shapes import dynamic_seq_errors, dynamic_seq_shapes
 
@@ -78,6 +85,8 @@ class LoadedModel:
     spec: str = ""
     #: Draws another (args, kwargs) sample of the same shapes, where the MODEL form can (hf:).
     fresh_inputs: Callable[[], tuple[tuple, dict[str, Any]]] | None = None
+    #: Whether the inputs have a sequence axis the commands keep dynamic by default (hf: text models).
+    seq_axis: bool = False
 
 
 # --- MODEL forms ------------------------------------------------------------------------
@@ -208,6 +217,11 @@ def _load_hf(spec: str, batch: int, seq_len: int) -> LoadedModel:
     if not (folder / "config.json").is_file():
         raise ModelSpecError(f"{str(folder)!r} has no config.json; point hf: at a saved model folder")
     if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").is_file():
+        if not any(p.suffix in PICKLED_WEIGHTS for p in folder.iterdir()):
+            raise ModelSpecError(
+                f"{str(folder)!r} has a config.json but no weights (no *.safetensors file); point hf: at "
+                "a folder written by model.save_pretrained(folder)"
+            )
         raise ModelSpecError(
             f"{str(folder)!r} has no safetensors weights; attnrw loads only safetensors (pickled "
             "weights can run code). Convert them, e.g. model.save_pretrained(folder, safe_serialization=True)"
@@ -220,13 +234,37 @@ def _load_hf(spec: str, batch: int, seq_len: int) -> LoadedModel:
     except ImportError as e:
         raise ModelSpecError("hf: models need transformers: pip install 'attnrw[demo]'") from e
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-        model = transformers.AutoModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        with _no_progress_bar_unless_terminal(transformers):
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+            model = transformers.AutoModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
     except Exception as e:
         raise ModelSpecError(f"cannot load {spec!r} with transformers: {type(e).__name__}: {e}") from e
     model.eval()
+    if hasattr(model.config, "use_cache"):
+        # Cache objects do not flatten for torch.export; set in the config rather than passed, so
+        # that a saved program takes the inputs a user has (input_ids, attention_mask) and no flag.
+        model.config.use_cache = False
     kwargs = hf_inputs(model, config, batch, seq_len)
-    return LoadedModel(model, (), kwargs, spec, lambda: ((), hf_inputs(model, config, batch, seq_len)))
+    return LoadedModel(model, (), kwargs, spec, lambda: ((), hf_inputs(model, config, batch, seq_len)),
+                       seq_axis="input_ids" in kwargs and seq_len >= 2)
+
+
+@contextlib.contextmanager
+def _no_progress_bar_unless_terminal(transformers: Any) -> Iterator[None]:
+    """transformers draws a "Loading weights" bar on stderr: keep it off a log file or a pipe, and restore it."""
+    hf_logging = transformers.utils.logging
+    was_on = hf_logging.is_progress_bar_enabled()
+    if was_on and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
+
+
+#: Suffixes of weight files attnrw refuses to read (pickles can run code), to tell "no weights" from "pickled".
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".h5", ".msgpack")
 
 
 def hf_inputs(model: nn.Module, config: Any, batch: int, seq_len: int) -> dict[str, Any]:
@@ -234,9 +272,9 @@ def hf_inputs(model: nn.Module, config: Any, batch: int, seq_len: int) -> dict[s
 
     Vision configs (those with ``image_size``) get ``pixel_values`` of the
     configured size; text configs get ``input_ids`` and an all-ones
-    ``attention_mask`` of ``(batch, seq_len)``, ``decoder_input_ids`` for
-    encoder-decoders, and ``use_cache=False`` where the model takes it
-    (``torch.export`` cannot flatten cache objects).
+    ``attention_mask`` of ``(batch, seq_len)``, and ``decoder_input_ids`` for
+    encoder-decoders. (``torch.export`` cannot flatten cache objects: the CLI
+    sets ``model.config.use_cache = False`` rather than passing a flag.)
     """
     gen = torch.Generator().manual_seed(0)
     params = _inspect.signature(model.forward).parameters
@@ -261,25 +299,106 @@ def hf_inputs(model: nn.Module, config: Any, batch: int, seq_len: int) -> dict[s
         kwargs["attention_mask"] = torch.ones(batch, seq_len, dtype=torch.long)
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         kwargs["decoder_input_ids"] = torch.randint(0, vocab, (batch, seq_len), generator=gen)
-    if "use_cache" in params:
-        kwargs["use_cache"] = False
     return kwargs
 
 
 # --- dynamic sequence length ------------------------------------------------------------
 
 
-def _dynamic_inputs(program: torch.export.ExportedProgram) -> list[str]:
-    """Names of the user inputs of ``program`` that have a symbolic size."""
-    names = []
+def dynamic_axes(program: torch.export.ExportedProgram) -> list[str]:
+    """``input_ids dim 1``, ...: each axis of a user input of ``program`` that has a symbolic size."""
+    axes = []
     for spec in program.graph_signature.input_specs:
         if spec.kind != torch.export.graph_signature.InputKind.USER_INPUT:
             continue
         node = next((n for n in program.graph.nodes if n.name == spec.arg.name), None)
         val = node.meta.get("val") if node is not None else None
-        if isinstance(val, torch.Tensor) and any(not isinstance(s, int) for s in val.shape):
-            names.append(node.name)
-    return names
+        if isinstance(val, torch.Tensor):
+            axes += [f"{node.name} dim {i}" for i, s in enumerate(val.shape) if not isinstance(s, int)]
+    return axes
+
+
+def _marked_axes(shapes: dict[str, Any] | None) -> list[str]:
+    """``input_ids dim 1``, ...: the axes a ``dynamic_shapes`` spec of :func:`dynamic_seq_shapes` marks."""
+    axes = []
+    for name, spec in (shapes or {}).items():
+        for path, leaf in pytree.tree_flatten_with_path(spec, is_leaf=lambda x: isinstance(x, dict) and
+                                                        all(isinstance(k, int) for k in x))[0]:
+            if isinstance(leaf, dict):
+                where = name + pytree.keystr(path)
+                axes += [f"{where} dim {axis}" for axis in sorted(leaf)]
+    return axes
+
+
+def _axes_text(axes: list[str]) -> str:
+    return f"dynamic: {', '.join(axes)}" if axes else "static shapes"
+
+
+def _keep_seq_dynamic(ns: argparse.Namespace, loaded: LoadedModel) -> bool | None:
+    """True: ``--dynamic-seq``; None: dynamic by default (an hf: text model); False: static."""
+    if ns.dynamic_seq and ns.static_shapes:
+        raise ConfigError("--dynamic-seq and --static-shapes contradict each other; give one")
+    if ns.dynamic_seq:
+        return True
+    return None if loaded.seq_axis and not ns.static_shapes else False
+
+
+def _seq_dynamic_or_static(wanted: bool | None, run: Callable[[bool], Any]) -> Any:
+    """``run(dynamic)``; a default dynamic sequence (``wanted`` None) the model cannot take falls back to static.
+
+    An explicit ``--dynamic-seq`` that cannot hold stays an error.
+    """
+    if wanted is False:
+        return run(False)
+    try:
+        with dynamic_seq_errors():
+            return run(True)
+    except DynamicShapeError as e:
+        if wanted:
+            raise
+        log.warning("the sequence length cannot vary in this model (%s); writing static shapes", _one_line(e))
+        return run(False)
+
+
+# --- output containers --------------------------------------------------------------------
+
+#: Containers every torch pytree knows without another import: a program returning only these
+#: loads with ``torch`` (and ``attnrw``, for its ops) alone.
+PLAIN_CONTAINERS = (tuple, list, dict)
+
+
+def plain_outputs(program: torch.export.ExportedProgram) -> list[str]:
+    """Make ``program`` return plain tuples, lists and dicts; return the names of the containers replaced.
+
+    A model library's output class (``transformers``' ``BaseModelOutput...``,
+    a namedtuple, a registered dataclass) is stored in the program by name,
+    and ``torch.export.load`` can rebuild it only after that library has been
+    imported. A container whose pytree context is its field names (as
+    ``ModelOutput`` and dataclasses register) becomes a dict of those fields,
+    any other becomes a tuple of its children, in order. The graph is not
+    touched: only how its flat outputs are packed.
+    """
+    replaced: list[str] = []
+    signature = program._module_call_graph[0].signature
+    if signature is None:
+        return replaced
+
+    def plain(spec: pytree.TreeSpec) -> pytree.TreeSpec:
+        if spec.is_leaf():
+            return spec
+        # TreeSpec.children() replaced children_specs (deprecated) in newer torch; the GPU machine's has only the latter.
+        kids = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
+        children = [plain(c) for c in kids]
+        if spec.type in PLAIN_CONTAINERS:
+            return pytree.TreeSpec(spec.type, spec.context, children)
+        replaced.append(getattr(spec.type, "__qualname__", str(spec.type)))
+        ctx = spec.context
+        if isinstance(ctx, (list, tuple)) and len(ctx) == len(children) and all(isinstance(k, str) for k in ctx):
+            return pytree.TreeSpec(dict, list(ctx), children)
+        return pytree.TreeSpec(tuple, None, children)
+
+    signature.out_spec = plain(signature.out_spec)
+    return replaced
 
 
 # --- policy flags -----------------------------------------------------------------------
@@ -327,18 +446,32 @@ def cmd_rewrite(ns: argparse.Namespace) -> int:
     policy = policy_from_args(ns)
     out = check_output(ns.output, ns.force, CLI_HINT)
     loaded = _load(ns)
-    dynamic = dynamic_seq_shapes(loaded.model, loaded.args, loaded.kwargs) if ns.dynamic_seq else None
-    with dynamic_seq_errors() if ns.dynamic_seq else contextlib.nullcontext():
-        program = attnrw.rewrite(loaded.model, loaded.args, loaded.kwargs, policy=policy, dynamic_shapes=dynamic)
-    if ns.dynamic_seq and not _dynamic_inputs(program):
+    wanted = _keep_seq_dynamic(ns, loaded)
+
+    def rewrite(dynamic: bool) -> torch.export.ExportedProgram:
+        shapes = dynamic_seq_shapes(loaded.model, loaded.args, loaded.kwargs) if dynamic else None
+        return attnrw.rewrite(loaded.model, loaded.args, loaded.kwargs, policy=policy, dynamic_shapes=shapes)
+
+    program = _seq_dynamic_or_static(wanted, rewrite)
+    axes = dynamic_axes(program)
+    if wanted and not axes:
         log.warning("--dynamic-seq: torch.export kept every input size static (no sequence axis could vary)")
+    error = None
+    if cli_bench.is_lossy(policy):
+        ref = cli_bench.float_outputs(loaded.model, loaded.args, loaded.kwargs)
+        error = cli_bench.error_line(cli_bench.float_outputs(program, loaded.args, loaded.kwargs), ref, loaded.kwargs)
+    replaced = plain_outputs(program)
+    if replaced:
+        log.info("the program returns plain dicts/tuples in place of %s", ", ".join(replaced))
     write_atomically(out, lambda folder: torch.export.save(program, folder / out.name), ns.force, CLI_HINT)
     ops = sum(
         1
         for n in program.graph.nodes
         if n.op == "call_function" and getattr(n.target, "namespace", None) == "attnrw"
     )
-    print(f"wrote {out}: {ops} call(s) to torch.ops.attnrw.* (policy {_policy_name(policy)})")
+    print(f"wrote {out}: {ops} call(s) to torch.ops.attnrw.* (policy {_policy_name(policy)}; {_axes_text(axes)})")
+    if error is not None:
+        print(error)
     return EXIT_OK
 
 
@@ -352,14 +485,43 @@ def cmd_export(ns: argparse.Namespace) -> int:
     except ImportError as e:
         raise ModelSpecError(f"ONNX export needs the onnx extras: pip install 'attnrw[onnx]' ({e})") from e
     extra: dict[str, Any] = {} if ns.opset is None else {"opset": ns.opset}
-    # to_onnx writes atomically itself: nothing is left behind if export or verification fails.
-    to_onnx(
-        loaded.model, loaded.args, out, kwargs=loaded.kwargs, policy=policy,
-        dynamic_seq=ns.dynamic_seq, verify=not ns.no_verify, force=ns.force, **extra,
-    )
+    wanted = _keep_seq_dynamic(ns, loaded)
+
+    def export(dynamic: bool) -> list[str]:
+        # to_onnx writes atomically itself: nothing is left behind if export or verification fails.
+        to_onnx(
+            loaded.model, loaded.args, out, kwargs=loaded.kwargs, policy=policy,
+            dynamic_seq=dynamic, verify=not ns.no_verify, force=ns.force, **extra,
+        )
+        return _marked_axes(dynamic_seq_shapes(loaded.model, loaded.args, loaded.kwargs)) if dynamic else []
+
+    axes = _seq_dynamic_or_static(wanted, export)
     verified = "not verified" if ns.no_verify else "verified in onnxruntime"
-    print(f"wrote {out} (policy {_policy_name(policy)}, {verified})")
+    print(f"wrote {out} (policy {_policy_name(policy)}, {verified}; {_axes_text(axes)})")
+    if cli_bench.is_lossy(policy):
+        print(_onnx_error_line(out, loaded))
     return EXIT_OK
+
+
+def _onnx_error_line(path: Path, loaded: LoadedModel) -> str:
+    """The error of the ONNX file, run in onnxruntime, against the unmodified model on the example inputs.
+
+    The file's inputs carry the names of ``forward``'s parameters; a model
+    whose inputs do not map onto them that way (nested containers) gets the
+    reason instead of a number.
+    """
+    from attnrw.export.verify import onnxruntime_outputs
+
+    ref = cli_bench.float_outputs(loaded.model, loaded.args, loaded.kwargs)
+    forward = loaded.model.module() if isinstance(loaded.model, torch.export.ExportedProgram) else loaded.model
+    try:
+        bound = _inspect.signature(forward.forward).bind(*loaded.args, **loaded.kwargs).arguments
+        named = [(name, value) for name, value in bound.items() if isinstance(value, torch.Tensor)]
+        outputs = onnxruntime_outputs(path, named)
+    except (TypeError, AttnrwError) as e:
+        return f"error against the unmodified model: not measured ({_one_line(e)})"
+    out = [torch.from_numpy(a) for a in outputs if a.dtype.kind == "f"]
+    return cli_bench.error_line(out, ref, loaded.kwargs, of=" of the ONNX file (onnxruntime)")
 
 
 # --- argument parsing -------------------------------------------------------------------
@@ -378,13 +540,30 @@ def _add_output(p: argparse.ArgumentParser, suffix: str) -> None:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument(
         "--dynamic-seq", action="store_true",
-        help="keep the sequence length dynamic (axis 1 of batch-first inputs) where the model allows",
+        help="keep the sequence length dynamic (axis 1 of batch-first inputs); the default for hf: text "
+        "models, an error where the model fixes the length",
     )
+    p.add_argument(
+        "--static-shapes", action="store_true",
+        help="fix every input size to the example's (hf: text models otherwise keep the sequence length dynamic)",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit 2), as every other error.
+
+    argparse prints the whole usage (a dozen lines for a command with policy
+    flags) before the message; here the message names the command and where
+    its options are listed instead.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``attnrw`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attnrw",
         description="Find the attention in a PyTorch model and rewrite it.",
         epilog="MODEL: NAME.pt2 (read by torch.export.load), pkg.module:fn (runs that code; returns "
@@ -423,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_bench(ns: argparse.Namespace) -> int:
     """``attnrw bench MODEL --policy auto --budget B``: calibrate, rewrite, measure speed and error."""
     policy = policy_from_args(ns)
+    cli_bench.check_args(ns)
     loaded = _load(ns)
     return cli_bench.run(ns, loaded, policy)
 

@@ -30,6 +30,7 @@ import argparse
 import collections.abc
 import contextlib
 import json
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -261,6 +262,11 @@ def _policies_from_json(value: Any, tp: Any) -> Any:
     """Turn JSON objects into policies where ``tp`` expects a :class:`Policy` (alone or in a tuple/list)."""
     origin = typing.get_origin(tp)
     if isinstance(tp, type) and issubclass(tp, Policy) and isinstance(value, Mapping):
+        name = value.get("policy", "dense")
+        missing = [f.name for f in policy_fields(get_policy(name)) if f.required and f.name not in value]
+        if missing:
+            keys = " and ".join(f'"{m}"' for m in missing)
+            raise ConfigError(f'the "{name}" policy object needs the key{"s" if len(missing) > 1 else ""} {keys}')
         return policy_from_dict(value)
     if origin in (tuple, list) and isinstance(value, list):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
@@ -414,24 +420,42 @@ def policy_from_flags(ns: argparse.Namespace) -> Policy:
     given = given_flags(ns)
     foreign = [flag for flag in given if flag not in by_flag]
     if foreign:
-        fields = [_field_of(table, flag) for flag in foreign]
         takes = ", ".join(flags.values()) or "no flags"
         raise ConfigError(
-            f"unknown option(s) {', '.join(map(repr, fields))} for policy {name!r}: "
-            f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a flag of --policy {name} "
-            f"(it takes {takes})"
+            f"{', '.join(foreign)} {'is not a flag' if len(foreign) == 1 else 'are not flags'} of --policy {name} "
+            f"({_owners(table, foreign)}; --policy {name} takes {takes})"
         )
     values = {by_flag[flag]: parse_field(flag, infos[by_flag[flag]], text) for flag, text in given.items()}
     missing = [flags[f] for f, info in infos.items() if info.required and f not in values]
     if missing:
         raise ConfigError(f"--policy {name} needs {' and '.join(missing)}")
-    return policy_from_dict({"policy": name, **values})
+    try:
+        return policy_from_dict({"policy": name, **values})
+    except ConfigError as e:
+        raise ConfigError(_in_flags(str(e), cls, flags)) from None
 
 
-def _field_of(table: Mapping[str, Mapping[str, str]], flag: str) -> str:
-    """The field a flag sets (for another policy than the chosen one)."""
-    for fields in table.values():
-        for field, f in fields.items():
-            if f == flag:
-                return field
-    return flag.lstrip("-").replace("-", "_")
+def _owners(table: Mapping[str, Mapping[str, str]], flags: Sequence[str]) -> str:
+    """``--window goes with --policy sparse``: the policies that take each flag, flags with the same owners together."""
+    by_owners: dict[tuple[str, ...], list[str]] = {}
+    for flag in flags:
+        owners = tuple(policy for policy, fields in table.items() if flag in fields.values())
+        by_owners.setdefault(owners, []).append(flag)
+    parts = []
+    for owners, group in by_owners.items():
+        verb = "goes" if len(group) == 1 else "go"
+        parts.append(f"{' and '.join(group)} {verb} with --policy {' or '.join(owners)}")
+    return "; ".join(parts)
+
+
+def _in_flags(message: str, cls: type[Policy], flags: Mapping[str, str]) -> str:
+    """A policy's validation message (``Sparse.window must be >= 1``) in the flags' words (``--window ...``).
+
+    The field checks of :mod:`attnrw.policies.base` start their messages with
+    ``Class.field``; a message about another class (a nested candidate of
+    Auto, say) is left as it is.
+    """
+    m = re.match(r"(\w+)\.(\w+)", message)
+    if m is None or m.group(1) != cls.__name__ or m.group(2) not in flags:
+        return message
+    return flags[m.group(2)] + message[m.end():]

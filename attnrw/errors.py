@@ -45,3 +45,7 @@ class OutputFolderError(OutputPathError, FileNotFoundError):
 
 class OutputIsFolderError(OutputPathError, IsADirectoryError):
     """The output path names a folder, not a file."""
+
+
+class OutputNotWritableError(OutputPathError, PermissionError):
+    """The folder the output file should go in exists but cannot be written in."""

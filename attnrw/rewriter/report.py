@@ -50,14 +50,22 @@ class Report:
         }
 
     def summary(self) -> str:
-        """One line: counts of sites, rewrites and skips."""
+        """One line: counts of sites, rewrites and skips.
+
+        A rewrite decides every site it finds (a decision per site, if only
+        "not selected"), so a report with sites and no decisions comes from a
+        read-only search (:func:`attnrw.inspect`) and says so instead of
+        counting rewrites.
+        """
+        name = f"{self.graph}: " if self.graph else ""
+        if self.sites and not self.decisions:
+            return f"{name}{len(self.sites)} attention site(s), {len(self.skipped)} candidate(s) skipped (read only)"
         rewritten = sum(1 for d in self.decisions if d.op is not None)
         ops: dict[str, int] = {}
         for d in self.decisions:
             if d.op is not None:
                 ops[d.op] = ops.get(d.op, 0) + 1
         op_text = ", ".join(f"{n}×{op}" for op, n in sorted(ops.items())) or "no ops"
-        name = f"{self.graph}: " if self.graph else ""
         return (
             f"{name}{len(self.sites)} attention site(s), {rewritten} rewritten ({op_text}), "
             f"{len(self.skipped)} candidate(s) skipped"
