@@ -6,7 +6,9 @@ K is transposed (transpose, permute, stored pre-transposed), the scale form
 (after the product by mul or div, on Q before, split as sqrt on Q and K,
 none), the mask (none, additive padding, boolean masked_fill, a tril buffer,
 where(), a learned position bias), grouped-query attention (repeat_kv via
-expand+reshape, or repeat_interleave), softmax upcast, dtype.
+expand+reshape, or repeat_interleave), softmax upcast, dtype, and which
+operand of the product with values the probabilities are (P·V, or
+(Vᵀ·Pᵀ)ᵀ with channels-first values).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ KEY_FORMS = ("transpose", "permute", "pretransposed")
 SCALES = ("mul_after", "div_after", "q_before", "sqrt_both", "none")
 MASKS = ("none", "additive", "bool_fill", "tril_buffer", "causal_where", "bias")
 GQA = ("none", "repeat_kv", "repeat_interleave")
+PV = ("left", "right")
 
 
 class HandWritten(nn.Module):
@@ -83,7 +86,10 @@ class HandWritten(nn.Module):
             probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         else:
             probs = scores.softmax(dim=-1)
-        out = probs @ v
+        if c["pv"] == "right":
+            out = (v.transpose(-2, -1) @ probs.transpose(-2, -1)).transpose(-2, -1)
+        else:
+            out = probs @ v
         return self.o(out.transpose(1, 2).reshape(b, s, h * d))
 
     def _kt(self, k: torch.Tensor) -> torch.Tensor:
@@ -130,6 +136,7 @@ def configs(draw: st.DrawFn) -> dict:
         "scale": draw(st.sampled_from(SCALES)),
         "mask": draw(st.sampled_from(MASKS)),
         "upcast": draw(st.booleans()),
+        "pv": draw(st.sampled_from(PV)),
         "dtype": draw(st.sampled_from((torch.float32, torch.float32, torch.float64, torch.bfloat16))),
     }
 
@@ -177,7 +184,7 @@ def test_handwritten_variants_found_and_exact(cfg: dict) -> None:
 
 # -- near-misses ---------------------------------------------------------------
 
-NEAR_MISSES = ("softmax_queries", "tensor_scale", "score_bias", "fill_zero", "probs_returned")
+NEAR_MISSES = ("softmax_queries", "tensor_scale", "score_bias", "fill_zero", "probs_returned", "probs_transposed")
 
 
 class NearMiss(nn.Module):
@@ -202,7 +209,11 @@ class NearMiss(nn.Module):
         if self.kind == "fill_zero":
             scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), 0.0)
         probs = scores.softmax(dim=-2 if self.kind == "softmax_queries" else -1)
-        out = (probs @ v).transpose(1, 2).reshape(b, s, -1)
+        if self.kind == "probs_transposed":
+            # Pᵀ·V sums over queries, not keys: the shapes fit only because the scores are square.
+            out = (probs.transpose(-2, -1) @ v).transpose(1, 2).reshape(b, s, -1)
+        else:
+            out = (probs @ v).transpose(1, 2).reshape(b, s, -1)
         return (out, probs) if self.kind == "probs_returned" else out
 
 
@@ -238,6 +249,7 @@ REASONS = {
     "score_bias": "depends on the scores",
     "fill_zero": "not a large negative constant",
     "probs_returned": "also used elsewhere",
+    "probs_transposed": "over the query axis",
 }
 
 
