@@ -24,7 +24,9 @@ whatever spelling produced it:
 The rewrite would be wrong, and is refused with a reason, when: the softmax
 is over another axis; the probabilities are used elsewhere (returned as
 weights) or pass through an active dropout; the product sums them over the
-query axis (Pᵀ·V); the scale is a tensor; a term
+query axis (Pᵀ·V); the scale is a tensor that varies over queries or keys
+(one per head or batch, as in Swin-v2's cosine attention, is folded into
+the queries); a term
 depends on the scores; the scores are reshaped across the query/key axes;
 a fill value is not a large negative constant.
 """
@@ -131,8 +133,10 @@ class _ScoreChain:
         self.ctx = ctx
         self.rows, self.cols = rows, cols
         self.scale = 1.0
-        # Scale factors only known at run time (nodes), folded into q.
-        self.runtime: list[Node] = []
+        # Scale factors only known at run time, folded into q: 0-dim values
+        # (frame None) and tensors constant over queries and keys (with the
+        # frame of the scores they scale).
+        self.runtime: list[tuple[Any, tuple | None]] = []
         # (term, frame shape, factor): term added to the scores in that frame,
         # multiplied by the scales applied after it.
         self.terms: list[tuple[Any, tuple, float]] = []
@@ -169,9 +173,23 @@ class _ScoreChain:
         if isinstance(term, Node) and _reaches_product(term, self.rows, self.cols, depth=8):
             # A bias built from the scores themselves is not a mask we can pass in.
             raise NoMatch("a term added to the scores depends on the scores")
-        for r in self.runtime:
+        for r, r_frame in self.runtime:
+            if r_frame is not None and not same_shape(r_frame, frame):
+                raise NoMatch("a mask is added in another frame than the tensor scale applied after it")
             term = E.mul(term, r)
         self.terms.append((term, frame, self.scale))
+
+    def _check_tensor_scale(self, node: Node, other: Any, frame: tuple) -> None:
+        """A tensor scale that can be folded into q: one value per head or batch (Swin-v2's cosine
+        attention, ``exp(clamp(logit_scale))`` of shape (H, 1, 1); temperatures), constant over
+        the query and key axes. One that varies over queries or keys would need a scale per score."""
+        ts = shape(other)
+        if not isinstance(other, Node) or ts is None:
+            raise NoMatch(f"{node.name}: the scores are scaled by {other!r}, not a number or a tensor")
+        if not all(same(d, 1) for d in ts[-2:]):
+            raise NoMatch(f"{node.name}: the scores are scaled by a tensor that varies over the queries or keys")
+        if tensor_val(other).dtype != tensor_val(node).dtype:
+            raise NoMatch(f"{node.name}: the scores are scaled by a tensor of another dtype")
 
     def _step(self, node: Node, frame: tuple) -> Any:
         t = node.target
@@ -195,12 +213,13 @@ class _ScoreChain:
             if t is aten.div.Tensor and score is not a:
                 raise NoMatch(f"{node.name}: a constant is divided by the scores")
             c = _scalar(other, self.ctx)
-            if c is None and _runtime_scalar(other):
-                factor = other if t is aten.mul.Tensor else E.Expr(aten.reciprocal.default, (other,))
-                self.runtime.append(factor)
-                return score
             if c is None:
-                raise NoMatch(f"{node.name}: the scores are scaled by a tensor, not a constant")
+                per_site = _runtime_scalar(other)
+                if not per_site:
+                    self._check_tensor_scale(node, other, frame)
+                factor = other if t is aten.mul.Tensor else E.Expr(aten.reciprocal.default, (other,))
+                self.runtime.append((factor, None if per_site else frame))
+                return score
             if t is aten.div.Tensor:
                 c = 1.0 / c
             if not (c > 0 and math.isfinite(c)):
@@ -380,6 +399,11 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     for term, _, _ in chain.terms:
         if any(ctx.depends_on(n, qk) for n in E.nodes_in(term)):
             raise NoMatch("a term added to the scores depends on the scores")
+    for factor, frame in chain.runtime:
+        if any(ctx.depends_on(n, qk) for n in E.nodes_in(factor)):
+            raise NoMatch("the scores are scaled by a tensor that depends on the scores")
+        if frame is not None and not same_shape(frame[:-2], xb):
+            raise NoMatch("the scores are scaled by a tensor in another frame than the softmax's")
     interior |= chain.interior | {qk}
     scale = chain.scale
     terms = list(chain.terms)
@@ -420,10 +444,13 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     # A constant applied further up (before the heads are split) stays in the
     # graph; count it in the reported scale so sites compare across spellings.
     report_scale = scale * _upstream_scale(q, ctx) * _upstream_scale(k, ctx)
-    for r in chain.runtime:
-        q = E.mul(q, r)
-        rv = E.evaluate(r, lambda n: ctx.value(n) if ctx.value(n) is not None else val(n))
-        report_scale *= float(rv)
+    for factor, frame in chain.runtime:
+        # (q·s)·Kᵀ = s·(Q·Kᵀ) when s is constant over queries and keys: the
+        # factor stays a value computed at run time, the op gets scale 1 for it.
+        q = E.mul(q, factor)
+        if frame is None:
+            rv = E.evaluate(factor, lambda n: ctx.value(n) if ctx.value(n) is not None else val(n))
+            report_scale *= float(rv)
 
     dtypes = {tensor_val(n).dtype for n in (a_node, b_node, vm) if tensor_val(n) is not None}
     if len(dtypes) > 1:

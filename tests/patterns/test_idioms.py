@@ -142,7 +142,115 @@ class ChannelsFirstValuesLeft(Idiom):
         return out.transpose(-2, -1).flatten(1, 2)
 
 
-IDIOMS = [TimmEfficientVitMsra, ChannelsFirstValuesLeft]
+# -- a per-head scale tensor ----------------------------------------------------------
+
+
+class Swinv2CosineAttention(Idiom):
+    """Swin-v2 (HF and torchvision) cosine attention: normalised q and k times ``exp(clamp(logit_scale))``.
+
+    ``logit_scale`` has shape (H, 1, 1): one learned temperature per head, a
+    runtime value. Here it starts at log(20) and log(60), so that cosine
+    scores in [-1, 1] give a peaked softmax; the position bias is a table
+    sliced to the length (Swin's window is fixed, this one need not be).
+    """
+
+    def __init__(self, e: int = 16, heads: int = 2, d: int = 8) -> None:
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.qkv = nn.Linear(e, 3 * heads * d)
+        self.logit_scale = nn.Parameter(torch.log(torch.tensor([20.0, 60.0])[:heads]).view(heads, 1, 1))
+        self.bias_table = nn.Parameter(torch.randn(heads, 128, 128))
+
+    def example(self, s: int, batch: int = 2) -> torch.Tensor:
+        return torch.randn(batch, s, 16)
+
+    def _split(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v
+
+    def _scale(self):
+        return torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+
+    def _bias(self, s: int) -> torch.Tensor:
+        return 16 * torch.sigmoid(self.bias_table[:, :s, :s])
+
+    def forward(self, x):
+        q, k, v = self._split(x)
+        attn = q @ k.transpose(-2, -1)
+        attn = attn * self._scale()
+        attn = attn + self._bias(x.shape[1]).unsqueeze(0)
+        out = attn.softmax(dim=-1) @ v
+        return out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+
+    def canonical(self, x):
+        q, k, v = self._split(x)
+        return q * self._scale(), k, v, 1.0
+
+    def reference(self, x, allowed=None):
+        q, k, v, _ = self.canonical(x)
+        bias = self._bias(x.shape[1])
+        if allowed is not None:
+            bias = bias.masked_fill(~allowed, float("-inf"))
+        return self.finish(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0), x)
+
+    def probs(self, x):
+        q, k, _, _ = self.canonical(x)
+        return (q @ k.transpose(-1, -2) + self._bias(x.shape[1])).softmax(-1)
+
+    def finish(self, out, x):
+        return out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+
+
+class PerHeadTemperature(Idiom):
+    """Temperature-scaled attention: masked scores divided by a learned (1, H, 1, 1) temperature.
+
+    The division comes after the padding mask, so the mask is scaled by it too.
+    """
+
+    def __init__(self, e: int = 16, heads: int = 2, d: int = 8) -> None:
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.qkv = nn.Linear(e, 3 * heads * d)
+        self.temperature = nn.Parameter(torch.tensor([0.25, 0.6])[:heads].view(1, heads, 1, 1))
+        _gain(self.qkv)
+
+    def example(self, s: int, batch: int = 2) -> torch.Tensor:
+        return torch.randn(batch, s, 16)
+
+    def _split(self, x):
+        b, s, _ = x.shape
+        return self.qkv(x).view(b, s, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+
+    def _pad(self, x) -> torch.Tensor:
+        keep = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool)
+        keep[-1, -2:] = False
+        return keep
+
+    def forward(self, x):
+        q, k, v = self._split(x)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d)
+        scores = scores.masked_fill(~self._pad(x)[:, None, None, :], torch.finfo(scores.dtype).min)
+        scores = scores / self.temperature
+        out = scores.softmax(dim=-1) @ v
+        return out.transpose(1, 2).flatten(2)
+
+    def canonical(self, x):
+        q, k, v = self._split(x)
+        return q / self.temperature, k, v, 1 / math.sqrt(self.d)
+
+    def reference(self, x, allowed=None):
+        q, k, v, scale = self.canonical(x)
+        mask = self._pad(x)[:, None, None, :]
+        if allowed is not None:
+            mask = mask & allowed
+        return self.finish(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), x)
+
+    def finish(self, out, x):
+        return out.transpose(1, 2).flatten(2)
+
+
+IDIOMS = [TimmEfficientVitMsra, ChannelsFirstValuesLeft, Swinv2CosineAttention, PerHeadTemperature]
 
 
 def _model(cls: type) -> Idiom:
