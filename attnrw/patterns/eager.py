@@ -15,11 +15,18 @@ whatever spelling produced it:
   negative fill (boolean masks; DistilBERT, GPT-2), in any frame that keeps
   the query and key axes (Swin adds its mask in a 5-D view);
 * casts around the softmax (upcast to float32 and back), eval-mode dropout;
+* the product with values as P·V or, with channels-first values, Vᵀ·Pᵀ
+  (timm's EfficientViT: ``v @ attn.transpose(-2, -1)``), the probabilities
+  permuted and reshaped on the way in any order that composes to one of
+  those (einsum's ``bnij,jbnd->ibnd`` in HF Funnel and XLNet);
 * grouped-query attention through ``repeat_kv`` (expand + reshape).
 
 The rewrite would be wrong, and is refused with a reason, when: the softmax
 is over another axis; the probabilities are used elsewhere (returned as
-weights) or pass through an active dropout; the scale is a tensor; a term
+weights) or pass through an active dropout; the product sums them over the
+query axis (Pᵀ·V); the scale is a tensor that varies over queries or keys
+(one per head or batch, as in Swin-v2's cosine attention, is folded into
+the queries); a term
 depends on the scores; the scores are reshaped across the query/key axes;
 a fill value is not a large negative constant.
 """
@@ -34,6 +41,7 @@ from torch.fx import Node
 
 from attnrw.masking import MASKED_BELOW
 from attnrw.patterns import expr as E
+from attnrw.patterns import layout
 from attnrw.patterns.context import MatchContext
 from attnrw.patterns.graph import (
     DROPOUT,
@@ -125,8 +133,10 @@ class _ScoreChain:
         self.ctx = ctx
         self.rows, self.cols = rows, cols
         self.scale = 1.0
-        # Scale factors only known at run time (nodes), folded into q.
-        self.runtime: list[Node] = []
+        # Scale factors only known at run time, folded into q: 0-dim values
+        # (frame None) and tensors constant over queries and keys (with the
+        # frame of the scores they scale).
+        self.runtime: list[tuple[Any, tuple | None]] = []
         # (term, frame shape, factor): term added to the scores in that frame,
         # multiplied by the scales applied after it.
         self.terms: list[tuple[Any, tuple, float]] = []
@@ -163,9 +173,23 @@ class _ScoreChain:
         if isinstance(term, Node) and _reaches_product(term, self.rows, self.cols, depth=8):
             # A bias built from the scores themselves is not a mask we can pass in.
             raise NoMatch("a term added to the scores depends on the scores")
-        for r in self.runtime:
+        for r, r_frame in self.runtime:
+            if r_frame is not None and not same_shape(r_frame, frame):
+                raise NoMatch("a mask is added in another frame than the tensor scale applied after it")
             term = E.mul(term, r)
         self.terms.append((term, frame, self.scale))
+
+    def _check_tensor_scale(self, node: Node, other: Any, frame: tuple) -> None:
+        """A tensor scale that can be folded into q: one value per head or batch (Swin-v2's cosine
+        attention, ``exp(clamp(logit_scale))`` of shape (H, 1, 1); temperatures), constant over
+        the query and key axes. One that varies over queries or keys would need a scale per score."""
+        ts = shape(other)
+        if not isinstance(other, Node) or ts is None:
+            raise NoMatch(f"{node.name}: the scores are scaled by {other!r}, not a number or a tensor")
+        if not all(same(d, 1) for d in ts[-2:]):
+            raise NoMatch(f"{node.name}: the scores are scaled by a tensor that varies over the queries or keys")
+        if tensor_val(other).dtype != tensor_val(node).dtype:
+            raise NoMatch(f"{node.name}: the scores are scaled by a tensor of another dtype")
 
     def _step(self, node: Node, frame: tuple) -> Any:
         t = node.target
@@ -189,12 +213,13 @@ class _ScoreChain:
             if t is aten.div.Tensor and score is not a:
                 raise NoMatch(f"{node.name}: a constant is divided by the scores")
             c = _scalar(other, self.ctx)
-            if c is None and _runtime_scalar(other):
-                factor = other if t is aten.mul.Tensor else E.Expr(aten.reciprocal.default, (other,))
-                self.runtime.append(factor)
-                return score
             if c is None:
-                raise NoMatch(f"{node.name}: the scores are scaled by a tensor, not a constant")
+                per_site = _runtime_scalar(other)
+                if not per_site:
+                    self._check_tensor_scale(node, other, frame)
+                factor = other if t is aten.mul.Tensor else E.Expr(aten.reciprocal.default, (other,))
+                self.runtime.append((factor, None if per_site else frame))
+                return score
             if t is aten.div.Tensor:
                 c = 1.0 / c
             if not (c > 0 and math.isfinite(c)):
@@ -262,13 +287,20 @@ def _as_batched(node: Any, target: tuple, what: str) -> Any:
     found = peel_to_shape(node, target)
     if found is not None:
         return found
-    if all(isinstance(d, int) for d in target):
-        return E.reshape(node, list(target))
-    raise NoMatch(f"cannot express the {what} layout with dynamic sizes")
+    # A dynamic size is read off an axis of ``node`` that has it; one left
+    # over is inferred (-1), since the element count is the same.
+    have = shape(node) or ()
+    dims: list[Any] = []
+    for d in target:
+        j = None if isinstance(d, int) else next((j for j, h in enumerate(have) if same(h, d)), None)
+        dims.append(d if isinstance(d, int) else -1 if j is None else E.SizeOf(node, j))
+    if dims.count(-1) > 1 or not same(numel(have), numel(target)):
+        raise NoMatch(f"cannot express the {what} layout with dynamic sizes")
+    return E.reshape(node, dims)
 
 
-def _strip_key_transpose(kt: Any) -> Any:
-    """(…, D, Sk) -> (…, Sk, D): reuse the untransposed tensor when kt is a transpose of it."""
+def _untranspose(kt: Any) -> Any:
+    """(…, a, b) -> (…, b, a): reuse the untransposed tensor when ``kt`` is a transpose of it."""
     if isinstance(kt, Node):
         rank = len(shape(kt) or ())
         if kt.target is aten.transpose.int:
@@ -280,6 +312,58 @@ def _strip_key_transpose(kt: Any) -> Any:
             if perm == list(range(rank - 2)) + [rank - 1, rank - 2]:
                 return kt.args[0]
     return E.transpose(kt, -1, -2)
+
+
+def _product_with_values(sm: Node, xs: tuple) -> tuple[Node, bool, set[Node]]:
+    """Follow the probabilities to their product with values: ``(product, P is the right operand, chain)``.
+
+    The chain may permute, transpose and reshape the probabilities in any
+    order (:mod:`attnrw.patterns.layout` composes it); what counts is where
+    their axes end up at the product. P·V needs P as the left operand with
+    queries × keys as its matrix axes; V·Pᵀ (channels-first values, timm's
+    EfficientViT) needs P as the right operand transposed, keys × queries.
+    Either way the batch axes must hold the scores' batch axes in order.
+    """
+    sizes = tuple(xs)
+    groups = layout.source_groups(xs)
+    rows_g, cols_g, batch = groups[-2], groups[-1], layout.labels(groups[:-2])
+    chain: set[Node] = set()
+    cur = sm
+    while True:
+        users = real_users(cur)
+        if len(users) != 1:
+            raise NoMatch(
+                "the attention probabilities are also used elsewhere (e.g. returned as attention weights)"
+                if users
+                else "the softmax output is unused"
+            )
+        u = users[0]
+        if u.target in PRODUCTS and u.target is not aten.baddbmm.default:
+            break
+        if u.target in DROPOUT or (u.target is aten.native_dropout.default):
+            if not (is_order_preserving(u)):
+                raise NoMatch("dropout is active on the attention probabilities (training mode)")
+        try:
+            groups = layout.step(u, groups, sizes)
+        except layout.Lost as e:
+            name = getattr(u.target, "__name__", str(u.target))
+            raise NoMatch(str(e) or f"the probabilities flow into {name} instead of a product with values") from None
+        chain.add(u)
+        cur = u
+    if u.args[0] is cur and u.args[1] is cur:
+        raise NoMatch("the probabilities are multiplied by themselves")
+    p_right = u.args[0] is not cur
+    if len(groups) < 2:
+        raise NoMatch("the probabilities are reshaped across the query and key axes")
+    matrix = (groups[-2], groups[-1])
+    want = (cols_g, rows_g) if p_right else (rows_g, cols_g)
+    if matrix != want:
+        if matrix == (want[1], want[0]):
+            raise NoMatch("the product sums the probabilities over the query axis, not the key axis")
+        raise NoMatch("the probabilities are reshaped across the query and key axes")
+    if layout.labels(groups[:-2]) != batch:
+        raise NoMatch("the probabilities' batch axes are reordered before the product with values")
+    return u, p_right, chain
 
 
 def match_softmax(sm: Node, ctx: MatchContext) -> Match:
@@ -295,35 +379,16 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     xb, rows, cols = tuple(xs[:-2]), xs[-2], xs[-1]
     interior: set[Node] = {sm}
 
-    # Probabilities -> the product with V.
-    cur = sm
-    while True:
-        users = real_users(cur)
-        if len(users) != 1:
-            raise NoMatch(
-                "the attention probabilities are also used elsewhere (e.g. returned as attention weights)"
-                if users
-                else "the softmax output is unused"
-            )
-        u = users[0]
-        if u.target in PRODUCTS and u.target is not aten.baddbmm.default:
-            if u.args[0] is not cur:
-                raise NoMatch("the probabilities are the right operand of the product")
-            pv = u
-            break
-        if u.target in DROPOUT or (u.target is aten.native_dropout.default):
-            if not (is_order_preserving(u)):
-                raise NoMatch("dropout is active on the attention probabilities (training mode)")
-        if not (is_order_preserving(u) or is_cast(u)):
-            name = getattr(u.target, "__name__", str(u.target))
-            raise NoMatch(f"the probabilities flow into {name} instead of a product with values")
-        interior.add(u)
-        cur = u
-    pm_shape, vm_shape = shape(pv.args[0]), shape(pv.args[1])
+    # Probabilities -> the product with V: P·V, or Vᵀ·Pᵀ = (P·V)ᵀ.
+    pv, p_right, chain_nodes = _product_with_values(sm, xs)
+    interior |= chain_nodes
+    vm = pv.args[0] if p_right else pv.args[1]
+    pm_shape, vm_shape = shape(pv.args[1] if p_right else pv.args[0]), shape(vm)
     if pm_shape is None or vm_shape is None or len(pm_shape) != len(vm_shape):
         raise NoMatch("probabilities and values have unexpected ranks")
-    if not (same(pm_shape[-2], rows) and same(pm_shape[-1], cols) and same(vm_shape[-2], cols)):
-        raise NoMatch("the probabilities are reshaped across the query and key axes")
+    v_keys, v_dim = (vm_shape[-1], vm_shape[-2]) if p_right else (vm_shape[-2], vm_shape[-1])
+    if not same(v_keys, cols):
+        raise NoMatch("the product with values does not contract the key axis")
     if not same(numel(pm_shape[:-2]), numel(xb)) or not same_shape(pm_shape[:-2], vm_shape[:-2]):
         raise NoMatch("the product with values does not keep the batch of the scores")
     interior.add(pv)
@@ -334,6 +399,11 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     for term, _, _ in chain.terms:
         if any(ctx.depends_on(n, qk) for n in E.nodes_in(term)):
             raise NoMatch("a term added to the scores depends on the scores")
+    for factor, frame in chain.runtime:
+        if any(ctx.depends_on(n, qk) for n in E.nodes_in(factor)):
+            raise NoMatch("the scores are scaled by a tensor that depends on the scores")
+        if frame is not None and not same_shape(frame[:-2], xb):
+            raise NoMatch("the scores are scaled by a tensor in another frame than the softmax's")
     interior |= chain.interior | {qk}
     scale = chain.scale
     terms = list(chain.terms)
@@ -350,15 +420,20 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
         raise NoMatch("the Q·Kᵀ product broadcasts its operands")
     if not same_shape(a_shape[:-2], b_shape[:-2]) or not same(numel(a_shape[:-2]), numel(xb)):
         raise NoMatch("the Q·Kᵀ product does not keep the batch of the scores")
-    head_dim, v_dim = a_shape[-1], vm_shape[-1]
+    head_dim = a_shape[-1]
 
     # Canonical q, k, v of shape (*Xb, S, D).
     q = _as_batched(a_node, (*xb, rows, head_dim), "query")
     kt = _as_batched(b_node, (*xb, head_dim, cols), "key")
-    k = _strip_key_transpose(kt)
+    k = _untranspose(kt)
     if isinstance(k, Node):
         k = peel_to_shape(k, (*xb, cols, head_dim)) or k
-    v = _as_batched(pv.args[1], (*xb, cols, v_dim), "value")
+    if p_right:
+        v = _untranspose(_as_batched(vm, (*xb, v_dim, cols), "value"))
+    else:
+        v = _as_batched(vm, (*xb, cols, v_dim), "value")
+    if isinstance(v, Node):
+        v = peel_to_shape(v, (*xb, cols, v_dim)) or v
     q, q_pre = _prescale(q, ctx)
     k, k_pre = _prescale(k, ctx)
     if isinstance(q, Node):
@@ -369,12 +444,15 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     # A constant applied further up (before the heads are split) stays in the
     # graph; count it in the reported scale so sites compare across spellings.
     report_scale = scale * _upstream_scale(q, ctx) * _upstream_scale(k, ctx)
-    for r in chain.runtime:
-        q = E.mul(q, r)
-        rv = E.evaluate(r, lambda n: ctx.value(n) if ctx.value(n) is not None else val(n))
-        report_scale *= float(rv)
+    for factor, frame in chain.runtime:
+        # (q·s)·Kᵀ = s·(Q·Kᵀ) when s is constant over queries and keys: the
+        # factor stays a value computed at run time, the op gets scale 1 for it.
+        q = E.mul(q, factor)
+        if frame is None:
+            rv = E.evaluate(factor, lambda n: ctx.value(n) if ctx.value(n) is not None else val(n))
+            report_scale *= float(rv)
 
-    dtypes = {tensor_val(n).dtype for n in (a_node, b_node, pv.args[1]) if tensor_val(n) is not None}
+    dtypes = {tensor_val(n).dtype for n in (a_node, b_node, vm) if tensor_val(n) is not None}
     if len(dtypes) > 1:
         raise NoMatch("queries, keys and values have different dtypes")
     out_dtype = tensor_val(pv).dtype
@@ -392,13 +470,13 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
 
     qc, kc, vc = canonical_bh(q, len(xb)), canonical_bh(k, len(xb)), canonical_bh(v, len(xb))
     out = from_canonical_bh(E.RESULT, xb, q)
+    if p_right:
+        out = E.transpose(out, -1, -2)
     if not same_shape(pm_shape[:-2], xb):
-        # Back to the batch axes of the product with values; a single
-        # dynamic axis is inferred (-1), more cannot be expressed here.
-        nb = [d if isinstance(d, int) else -1 for d in pm_shape[:-2]]
-        if nb.count(-1) > 1:
-            raise NoMatch("cannot express the output layout with dynamic sizes")
-        out = E.reshape(out, [*nb, E.SizeOf(E.RESULT, 2), E.SizeOf(E.RESULT, 3)])
+        # Back to the batch axes of the product with values, read off the
+        # values operand (which has them) where they are dynamic.
+        nb = [d if isinstance(d, int) else E.SizeOf(vm, i) for i, d in enumerate(vm_shape[:-2])]
+        out = E.reshape(out, [*nb, E.SizeOf(out, -2), E.SizeOf(out, -1)])
     if out_dtype != dtypes.pop():
         out = E.cast(out, out_dtype)
 

@@ -4,9 +4,12 @@ Each generated module spells softmax(Q·Kᵀ·scale + mask)·V a different way:
 layout (heads as an axis, folded into the batch, heads-last via einsum), how
 K is transposed (transpose, permute, stored pre-transposed), the scale form
 (after the product by mul or div, on Q before, split as sqrt on Q and K,
-none), the mask (none, additive padding, boolean masked_fill, a tril buffer,
+none, a per-head tensor multiplying the masked scores or dividing them
+before the mask), the mask (none, additive padding, boolean masked_fill, a tril buffer,
 where(), a learned position bias), grouped-query attention (repeat_kv via
-expand+reshape, or repeat_interleave), softmax upcast, dtype.
+expand+reshape, or repeat_interleave), softmax upcast, dtype, and which
+operand of the product with values the probabilities are (P·V, or
+(Vᵀ·Pᵀ)ᵀ with channels-first values).
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ ATOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 3e-2}
 
 LAYOUTS = ("heads", "folded", "einsum_bshd")
 KEY_FORMS = ("transpose", "permute", "pretransposed")
-SCALES = ("mul_after", "div_after", "q_before", "sqrt_both", "none")
+SCALES = ("mul_after", "div_after", "q_before", "sqrt_both", "none", "head_tensor", "head_tensor_div")
+#: Scale forms whose value is a tensor (one per head): the site reports only the constant part.
+TENSOR_SCALES = ("head_tensor", "head_tensor_div")
 MASKS = ("none", "additive", "bool_fill", "tril_buffer", "causal_where", "bias")
 GQA = ("none", "repeat_kv", "repeat_interleave")
+PV = ("left", "right")
 
 
 class HandWritten(nn.Module):
@@ -46,6 +52,8 @@ class HandWritten(nn.Module):
         s = cfg["seq"]
         self.register_buffer("tril", torch.tril(torch.ones(s, s, dtype=torch.bool)).view(1, 1, s, s))
         self.bias = nn.Parameter(torch.randn(1, h, s, s) * 0.1)
+        # Per-head temperatures between about 0.5 and 2, as (1, H, 1, 1) and (H, 1, 1).
+        self.temperature = nn.Parameter(torch.linspace(-0.7, 0.7, h).view(1, h, 1, 1))
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -78,12 +86,19 @@ class HandWritten(nn.Module):
             scores = scores * scale
         elif c["scale"] == "div_after":
             scores = scores / math.sqrt(d)
+        elif c["scale"] == "head_tensor_div":
+            scores = scores / self.temperature.exp().view(h, 1, 1).to(scores.dtype)
         scores = self._mask(scores, pad)
+        if c["scale"] == "head_tensor":
+            scores = scores * self.temperature.exp().to(scores.dtype)
         if c["upcast"]:
             probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         else:
             probs = scores.softmax(dim=-1)
-        out = probs @ v
+        if c["pv"] == "right":
+            out = (v.transpose(-2, -1) @ probs.transpose(-2, -1)).transpose(-2, -1)
+        else:
+            out = probs @ v
         return self.o(out.transpose(1, 2).reshape(b, s, h * d))
 
     def _kt(self, k: torch.Tensor) -> torch.Tensor:
@@ -130,6 +145,7 @@ def configs(draw: st.DrawFn) -> dict:
         "scale": draw(st.sampled_from(SCALES)),
         "mask": draw(st.sampled_from(MASKS)),
         "upcast": draw(st.booleans()),
+        "pv": draw(st.sampled_from(PV)),
         "dtype": draw(st.sampled_from((torch.float32, torch.float32, torch.float64, torch.bfloat16))),
     }
 
@@ -168,7 +184,7 @@ def test_handwritten_variants_found_and_exact(cfg: dict) -> None:
         assert site.causal, site
     if cfg["mask"] in ("none", "additive", "bool_fill", "bias") and cfg["seq"] > 1:
         assert not site.causal, site
-    expected_scale = 1.0 if cfg["scale"] == "none" else 1.0 / math.sqrt(cfg["head_dim"])
+    expected_scale = 1.0 if cfg["scale"] in ("none", *TENSOR_SCALES) else 1.0 / math.sqrt(cfg["head_dim"])
     assert site.scale == pytest.approx(expected_scale, rel=1e-6)
     # softmax(x.float()) on a float64 model is a downcast: the model itself is only fp32-accurate there.
     atol = ATOL[torch.float32] if cfg["upcast"] and cfg["dtype"] == torch.float64 else ATOL[cfg["dtype"]]
@@ -177,7 +193,9 @@ def test_handwritten_variants_found_and_exact(cfg: dict) -> None:
 
 # -- near-misses ---------------------------------------------------------------
 
-NEAR_MISSES = ("softmax_queries", "tensor_scale", "score_bias", "fill_zero", "probs_returned")
+NEAR_MISSES = (
+    "softmax_queries", "query_scale", "key_scale", "score_bias", "fill_zero", "probs_returned", "probs_transposed",
+)
 
 
 class NearMiss(nn.Module):
@@ -187,14 +205,15 @@ class NearMiss(nn.Module):
         super().__init__()
         self.kind, self.heads, self.dim = kind, heads, dim
         self.qkv = nn.Linear(16, 3 * heads * dim)
-        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, self.dim).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-1, -2)
-        if self.kind == "tensor_scale":
-            scores = scores * self.temperature
+        if self.kind == "query_scale":  # one scale per query row: not constant over the scores
+            scores = scores * q.norm(dim=-1, keepdim=True)
+        elif self.kind == "key_scale":
+            scores = scores * k.norm(dim=-1).unsqueeze(-2)
         else:
             scores = scores / math.sqrt(self.dim)
         if self.kind == "score_bias":
@@ -202,7 +221,11 @@ class NearMiss(nn.Module):
         if self.kind == "fill_zero":
             scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), 0.0)
         probs = scores.softmax(dim=-2 if self.kind == "softmax_queries" else -1)
-        out = (probs @ v).transpose(1, 2).reshape(b, s, -1)
+        if self.kind == "probs_transposed":
+            # Pᵀ·V sums over queries, not keys: the shapes fit only because the scores are square.
+            out = (probs.transpose(-2, -1) @ v).transpose(1, 2).reshape(b, s, -1)
+        else:
+            out = (probs @ v).transpose(1, 2).reshape(b, s, -1)
         return (out, probs) if self.kind == "probs_returned" else out
 
 
@@ -234,10 +257,12 @@ def test_near_misses_skipped_with_reason_and_untouched(kind: str, heads: int, di
 
 REASONS = {
     "softmax_queries": "not the last (key) axis",
-    "tensor_scale": "scaled by a tensor",
+    "query_scale": "scaled by a tensor that varies over the queries or keys",
+    "key_scale": "scaled by a tensor that varies over the queries or keys",
     "score_bias": "depends on the scores",
     "fill_zero": "not a large negative constant",
     "probs_returned": "also used elsewhere",
+    "probs_transposed": "over the query axis",
 }
 
 
