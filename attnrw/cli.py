@@ -12,6 +12,11 @@ is given (:mod:`attnrw.shapes` says which axes); a program ``rewrite`` saves
 returns plain dicts and tuples (:func:`plain_outputs`), so it loads with
 ``torch`` and ``attnrw`` alone.
 
+The ``attnrw`` console script is the torch-free launcher :mod:`attnrw_cli`,
+which answers ``--help`` and the errors a command line shows by itself, then
+calls :func:`main` here; both build their parser with
+:func:`attnrw_cli.parser.build_parser`.
+
 The policy flags are generated from the registered policies
 (:mod:`attnrw.cli_flags`): one per field, e.g. ``--window``, ``--size-bias``,
 ``--protect 0,5``, for the built-in policies and any registered with
@@ -47,7 +52,6 @@ import logging
 import os
 import re
 import sys
-import typing
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -60,20 +64,14 @@ from torch.utils import _pytree as pytree
 
 import attnrw
 from attnrw import cli_bench
-from attnrw.cli_flags import CALLABLE_SPEC, add_policy_flags, given_flags, import_callable, policy_from_flags
+from attnrw.cli_flags import CALLABLE_SPEC, import_callable, policy_from_flags, policy_spec
 from attnrw.errors import AttnrwError, ConfigError, DynamicShapeError, ModelSpecError, VerificationError
 from attnrw.files import CLI_HINT, check_output, write_atomically
 from attnrw.shapes import dynamic_seq_errors, dynamic_seq_shapes
+from attnrw_cli import parser as cli_parser
+from attnrw_cli.parser import DEFAULT_BATCH, DEFAULT_SEQ_LEN, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("attnrw.cli")
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-DEFAULT_BATCH = 1
-DEFAULT_SEQ_LEN = 128
-
 
 @dataclass
 class LoadedModel:
@@ -336,8 +334,6 @@ def _axes_text(axes: list[str]) -> str:
 
 def _keep_seq_dynamic(ns: argparse.Namespace, loaded: LoadedModel) -> bool | None:
     """True: ``--dynamic-seq``; None: dynamic by default (an hf: text model); False: static."""
-    if ns.dynamic_seq and ns.static_shapes:
-        raise ConfigError("--dynamic-seq and --static-shapes contradict each other; give one")
     if ns.dynamic_seq:
         return True
     return None if loaded.seq_axis and not ns.static_shapes else False
@@ -411,9 +407,7 @@ def policy_from_args(ns: argparse.Namespace) -> attnrw.Policy | attnrw.Plan:
     (:mod:`attnrw.cli_flags`); a flag it does not take is a :class:`ConfigError`.
     """
     plan = getattr(ns, "plan", None)
-    if plan is not None:
-        if given_flags(ns) or ns.policy != "dense":
-            raise ConfigError("--plan fixes every site's policy; drop --policy and the policy flags")
+    if plan is not None:  # alone: check_command_line refuses --plan beside a policy
         return attnrw.Plan.load(plan)
     return policy_from_flags(ns)
 
@@ -527,76 +521,9 @@ def _onnx_error_line(path: Path, loaded: LoadedModel) -> str:
 # --- argument parsing -------------------------------------------------------------------
 
 
-def _add_model(p: argparse.ArgumentParser, inputs: bool = True) -> None:
-    p.add_argument("model", metavar="MODEL", help="NAME.pt2, pkg.module:fn, or hf:PATH")
-    if inputs:
-        g = p.add_argument_group("inputs of hf:PATH models")
-        g.add_argument("--batch", type=int, default=None, help=f"batch size (default {DEFAULT_BATCH})")
-        g.add_argument("--seq-len", type=int, default=None, help=f"sequence length (default {DEFAULT_SEQ_LEN})")
-
-
-def _add_output(p: argparse.ArgumentParser, suffix: str) -> None:
-    p.add_argument("-o", "--output", required=True, metavar=f"OUT{suffix}", help="file to write")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    p.add_argument(
-        "--dynamic-seq", action="store_true",
-        help="keep the sequence length dynamic (axis 1 of batch-first inputs); the default for hf: text "
-        "models, an error where the model fixes the length",
-    )
-    p.add_argument(
-        "--static-shapes", action="store_true",
-        help="fix every input size to the example's (hf: text models otherwise keep the sequence length dynamic)",
-    )
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit 2), as every other error.
-
-    argparse prints the whole usage (a dozen lines for a command with policy
-    flags) before the message; here the message names the command and where
-    its options are listed instead.
-    """
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The ``attnrw`` argument parser."""
-    parser = _Parser(
-        prog="attnrw",
-        description="Find the attention in a PyTorch model and rewrite it.",
-        epilog="MODEL: NAME.pt2 (read by torch.export.load), pkg.module:fn (runs that code; returns "
-        "(model, args[, kwargs])), or hf:PATH (a local Hugging Face folder; safetensors weights only).",
-    )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    parser.add_argument("--version", action="version", version=f"attnrw {attnrw.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("inspect", help="list the attention sites found, and why other candidates were not")
-    _add_model(p)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("rewrite", help="rewrite the attention sites and save a torch.export program")
-    _add_model(p)
-    _add_output(p, ".pt2")
-    p.add_argument("--plan", default=None, help="apply a saved plan (from attnrw bench --plan-out)")
-    add_policy_flags(p)
-    p.set_defaults(func=cmd_rewrite)
-
-    p = sub.add_parser("export", help="rewrite and export to ONNX, verified in onnxruntime")
-    _add_model(p)
-    _add_output(p, ".onnx")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: attnrw's choice)")
-    p.add_argument("--no-verify", action="store_true", help="skip the comparison against PyTorch")
-    p.add_argument("--plan", default=None, help="apply a saved plan (from attnrw bench --plan-out)")
-    add_policy_flags(p)
-    p.set_defaults(func=cmd_export)
-
-    cli_bench.add_parser(sub, _add_model)
-    sub.choices["bench"].set_defaults(func=cmd_bench)
-    return parser
+    """The ``attnrw`` argument parser, with flags for every policy registered now (:mod:`attnrw_cli.parser`)."""
+    return cli_parser.build_parser(policy_spec(), attnrw.__version__)
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
@@ -605,6 +532,12 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     cli_bench.check_args(ns)
     loaded = _load(ns)
     return cli_bench.run(ns, loaded, policy)
+
+
+#: The function of each command of :func:`build_parser`.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "inspect": cmd_inspect, "rewrite": cmd_rewrite, "export": cmd_export, "bench": cmd_bench,
+}
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -656,8 +589,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     _setup_logging(ns.verbose)
     try:
+        cli_parser.check_command_line(ns, policy_spec())
         with _quiet_dependencies(ns.verbose):
-            return ns.func(ns)
+            return COMMANDS[ns.command](ns)
     except VerificationError as e:
         print(f"attnrw: verification failed: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED

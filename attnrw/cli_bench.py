@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 import attnrw
-from attnrw.cli_flags import add_policy_flags
 from attnrw.config import needs_calibration
 from attnrw.policies import Policy
 from attnrw.errors import ConfigError
@@ -197,24 +196,8 @@ def plot(path: Path, main: BenchResult, curve: list[tuple[float, BenchResult]]) 
     plt.close(fig)
 
 
-def add_parser(sub: Any, add_model: Callable) -> None:
-    """Add the ``bench`` command to ``sub``; ``add_model`` adds the MODEL argument and its input options."""
-    p = sub.add_parser("bench", help="rewrite (calibrating --policy auto) and measure speed-up and error")
-    add_model(p)
-    p.add_argument("--plan", default=None, help="apply a saved plan instead of a policy")
-    p.add_argument("--calib", type=int, default=1, help="calibration batches (hf: models draw fresh inputs)")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per model (median)")
-    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw the error/cost plots to this PNG")
-    p.add_argument("--plan-out", default=None, metavar="PLAN.json", help="save the calibrated plan")
-    p.add_argument("--force", action="store_true", help="overwrite --plot / --plan-out files")
-    # Last, so that a policy field named like one of bench's options (Auto's calib) gets --POLICY-FIELD.
-    add_policy_flags(p)
-
-
 def check_args(ns: argparse.Namespace) -> None:
-    """What ``bench`` can check before the model is loaded: ``--calib``, ``--repeat`` and the output paths."""
-    if ns.calib < 1 or ns.repeat < 1:
-        raise ConfigError("--calib and --repeat must be at least 1")
+    """What ``bench`` can check before the model is loaded beyond the command line: the output paths."""
     for path in (ns.plot, ns.plan_out):
         if path:
             check_output(path, ns.force, CLI_HINT)

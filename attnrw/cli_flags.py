@@ -30,14 +30,31 @@ import argparse
 import collections.abc
 import contextlib
 import json
+import pprint
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from attnrw.errors import ConfigError
+from attnrw_cli import parser as cli_parser
+from attnrw_cli.parser import (
+    FALSE,
+    TRUE,
+    BadValue as _BadValue,
+    FieldSpec,
+    PolicySpec,
+    bad_value_message,
+    flag_name,
+    given_flags,
+    parse_bool as _parse_bool,
+    parse_choice,
+    parse_scalar as _scalar,
+)
 from attnrw.imports import CALLABLE_SPEC, cwd_on_path, import_callable
 from attnrw.policies import FieldInfo, Policy, get_policy, policy_fields, policy_from_dict, registry
 
@@ -46,6 +63,7 @@ __all__ = [
     "FieldSyntax",
     "add_policy_flags",
     "cwd_on_path",
+    "field_spec",
     "field_syntax",
     "flag_name",
     "flag_table",
@@ -53,23 +71,11 @@ __all__ = [
     "given_flags",
     "import_callable",
     "parse_field",
-    "type_name",
     "policy_from_flags",
+    "policy_spec",
+    "spec_module_text",
+    "type_name",
 ]
-
-#: Namespace attribute holding the policy flags given: ``{flag: text}``.
-GIVEN = "policy_flags"
-#: Namespace attribute holding the flag of each policy field: ``{policy: {field: flag}}``.
-TABLE = "policy_flag_table"
-
-#: ``pkg.module:fn``, as a Callable field and a factory MODEL are written.
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
-
-
-class _BadValue(ValueError):
-    """A flag's text does not parse as its field's type (the message says what was expected)."""
-
 
 # --- parsing a field's text by its type ----------------------------------------------------
 
@@ -81,6 +87,9 @@ class FieldSyntax:
     parse: Callable[[str], Any]
     metavar: str
     expects: str
+    #: How :mod:`attnrw_cli` checks the text without torch (see :class:`attnrw_cli.parser.FieldSpec`).
+    kind: str = "other"
+    choices: tuple[str, ...] = ()
 
 
 def field_syntax(tp: Any) -> FieldSyntax:
@@ -88,13 +97,13 @@ def field_syntax(tp: Any) -> FieldSyntax:
     tp = _strip_optional(tp)
     origin = typing.get_origin(tp)
     if tp is bool:
-        return FieldSyntax(_parse_bool, "{true,false}", "true or false (or 1/0, yes/no)")
+        return FieldSyntax(_parse_bool, "{true,false}", "true or false (or 1/0, yes/no)", "bool")
     if tp is int:
-        return FieldSyntax(_scalar(int), "N", "an int")
+        return FieldSyntax(_scalar(int), "N", "an int", "int")
     if tp is float:
-        return FieldSyntax(_scalar(float), "X", "a number")
+        return FieldSyntax(_scalar(float), "X", "a number", "float")
     if tp is str:
-        return FieldSyntax(str, "TEXT", "text")
+        return FieldSyntax(str, "TEXT", "text", "text")
     if origin is typing.Literal:
         return _literal_syntax(typing.get_args(tp))
     if tp is collections.abc.Callable or origin is collections.abc.Callable:
@@ -112,13 +121,9 @@ def parse_field(flag: str, info: FieldInfo, text: str) -> Any:
     try:
         return syntax.parse(text)
     except _BadValue as e:
-        raise ConfigError(f"{flag}: expected {syntax.expects}, got {text!r}{_detail(e)}") from None
+        raise ConfigError(bad_value_message(flag, syntax.expects, text, str(e))) from None
     except ConfigError as e:
         raise ConfigError(f"{flag}: {e}") from None
-
-
-def _detail(e: _BadValue) -> str:
-    return f" ({e})" if str(e) else ""
 
 
 def _strip_optional(tp: Any) -> Any:
@@ -135,35 +140,10 @@ def _is_union(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType)
 
 
-def _scalar(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return kind(text)
-        except ValueError:
-            raise _BadValue() from None
-
-    return parse
-
-
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise _BadValue()
-
-
 def _literal_syntax(values: tuple[Any, ...]) -> FieldSyntax:
-    by_text = {str(v): v for v in values}
-
-    def parse(text: str) -> Any:
-        if text not in by_text:
-            raise _BadValue()
-        return by_text[text]
-
-    shown = ",".join(by_text)
-    return FieldSyntax(parse, f"{{{shown}}}", f"one of {', '.join(by_text)}")
+    texts = [str(v) for v in values]
+    return FieldSyntax(parse_choice(values), f"{{{','.join(texts)}}}", f"one of {', '.join(texts)}", "choice",
+                       tuple(texts))
 
 
 #: Types whose values a comma list can spell, by their own syntax.
@@ -223,7 +203,7 @@ def _union_syntax(members: tuple[Any, ...]) -> FieldSyntax:
         for kind in numbers:
             with contextlib.suppress(ValueError):
                 return kind(text)
-        if bool in origins and text.strip().lower() in _TRUE + _FALSE:
+        if bool in origins and text.strip().lower() in TRUE + FALSE:
             return _parse_bool(text)
         if str in origins:
             return text
@@ -283,41 +263,47 @@ def _import_callable(text: str) -> Callable[..., Any]:
     return import_callable(spec)
 
 
-# --- building the flags ------------------------------------------------------------------
+# --- the policy spec and the flags -----------------------------------------------------------
 
 
-def flag_name(field: str) -> str:
-    """The flag of a policy field: ``size_bias`` -> ``--size-bias``."""
-    return "--" + field.replace("_", "-")
+def field_spec(info: FieldInfo) -> FieldSpec:
+    """The command-line view of a policy field (what :mod:`attnrw_cli` builds its flag from)."""
+    syntax = field_syntax(info.type)
+    return FieldSpec(
+        name=info.name, required=info.required, default="" if info.required else format_value(info.default),
+        type=type_name(info.type), doc=info.doc, metavar=syntax.metavar, expects=syntax.expects,
+        kind=syntax.kind, choices=list(syntax.choices),
+    )
+
+
+def policy_spec(builtin_only: bool = False) -> PolicySpec:
+    """The fields of every registered policy (only attnrw's own with ``builtin_only``), as flags see them."""
+    return {
+        name: [field_spec(info) for info in policy_fields(cls)]
+        for name, cls in registry().items()
+        if not builtin_only or cls.__module__.startswith("attnrw.")
+    }
+
+
+#: The snapshot of :func:`policy_spec` for the built-in policies that ``attnrw --help`` reads.
+SPEC_MODULE = Path(__file__).resolve().parent.parent / "attnrw_cli" / "builtin_policies.py"
+
+
+def spec_module_text() -> str:
+    """The text of :data:`SPEC_MODULE`, from the live registry: ``python -m attnrw.cli_flags`` writes it."""
+    body = pprint.pformat(policy_spec(builtin_only=True), width=110, sort_dicts=False)
+    return (
+        '"""The flags of the built-in policies, for the torch-free ``attnrw`` launcher.\n\n'
+        "Generated from the policy registry by ``python -m attnrw.cli_flags``; do not edit.\n"
+        "``tests/test_cli_launcher.py`` checks that it matches the registry.\n"
+        '"""\n\nfrom attnrw_cli.parser import PolicySpec\n\n'
+        f"SPEC: PolicySpec = {body}\n"
+    )
 
 
 def flag_table(taken: Sequence[str] = ()) -> dict[str, dict[str, str]]:
-    """``{policy: {field: flag}}`` for every registered policy.
-
-    A field's flag is :func:`flag_name` of it, shared by every policy with a
-    field of that name; where a command already has that option (``taken``,
-    e.g. ``bench``'s own ``--calib``), the field gets ``--POLICY-FIELD``.
-    """
-    taken_set = set(taken)
-    table: dict[str, dict[str, str]] = {}
-    for name, cls in registry().items():
-        table[name] = {}
-        for info in policy_fields(cls):
-            flag = flag_name(info.name)
-            if flag in taken_set:
-                flag = flag_name(f"{name}_{info.name}")
-            table[name][info.name] = flag
-    return table
-
-
-class _StoreFlag(argparse.Action):
-    """Keeps the text a policy flag was given, under ``namespace.policy_flags[flag]``, to parse later."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        given = dict(getattr(namespace, GIVEN, None) or {})
-        given[self.option_strings[0]] = values
-        setattr(namespace, GIVEN, given)
+    """``{policy: {field: flag}}`` for every registered policy (see :func:`attnrw_cli.parser.flag_table`)."""
+    return cli_parser.flag_table(policy_spec(), taken)
 
 
 def add_policy_flags(p: argparse.ArgumentParser, default: str = "dense") -> None:
@@ -326,42 +312,7 @@ def add_policy_flags(p: argparse.ArgumentParser, default: str = "dense") -> None
     Call it after the command's own options, so a field whose flag one of
     them already has gets ``--POLICY-FIELD`` instead (see :func:`flag_table`).
     """
-    taken = list(p._option_string_actions)
-    table = flag_table(taken)
-    g = p.add_argument_group("policy (a flag that the chosen policy does not take is an error)")
-    g.add_argument("--policy", default=default, metavar="NAME",
-                   help=f"{', '.join(registry())} (default {default})")
-    owners: dict[str, list[tuple[str, FieldInfo]]] = {}
-    for name, cls in registry().items():
-        for info in policy_fields(cls):
-            owners.setdefault(table[name][info.name], []).append((name, info))
-    for flag, fields in owners.items():
-        if flag in taken:  # the qualified spelling is taken too: leave it to the command
-            continue
-        g.add_argument(flag, action=_StoreFlag, dest=GIVEN, default=None,
-                       metavar=_metavar(fields), help=_help(fields))
-    p.set_defaults(**{TABLE: table})
-
-
-def _metavar(fields: list[tuple[str, FieldInfo]]) -> str:
-    metavars = {field_syntax(info.type).metavar for _, info in fields}
-    return metavars.pop() if len(metavars) == 1 else "VALUE"
-
-
-_EMPTY = '""'
-
-
-def _help(fields: list[tuple[str, FieldInfo]]) -> str:
-    """``policies: doc (type, default)`` for each distinct doc/type/default among the fields sharing a flag."""
-    groups: dict[str, list[str]] = {}
-    for name, info in fields:
-        doc = info.doc.rstrip(".") or info.name.replace("_", " ")
-        syntax = field_syntax(info.type)
-        default = "required" if info.required else f"default {format_value(info.default) or _EMPTY}"
-        spelled = f"; give {syntax.expects}" if syntax.metavar == "VALUE" else ""
-        groups.setdefault(f"{doc} ({type_name(info.type)}, {default}{spelled})", []).append(name)
-    text = "; ".join(f"{', '.join(names)}: {desc}" for desc, names in groups.items())
-    return text.replace("%", "%%")  # argparse %-formats help
+    cli_parser.add_policy_flags(p, policy_spec(), default)
 
 
 def type_name(tp: Any) -> str:
@@ -399,11 +350,6 @@ def format_value(value: Any) -> str:
 # --- from the parsed namespace to a policy -------------------------------------------------
 
 
-def given_flags(ns: argparse.Namespace) -> dict[str, str]:
-    """The policy flags given on the command line: ``{flag: text}``."""
-    return dict(getattr(ns, GIVEN, None) or {})
-
-
 def policy_from_flags(ns: argparse.Namespace) -> Policy:
     """The policy ``--policy`` names, its fields set from the policy flags given.
 
@@ -412,40 +358,17 @@ def policy_from_flags(ns: argparse.Namespace) -> Policy:
     as the field's type (naming the flag).
     """
     name = getattr(ns, "policy", None) or "dense"
+    cli_parser.check_policy_flags(ns, policy_spec())
     cls = get_policy(name)
-    table = getattr(ns, TABLE, None) or flag_table()
+    table = getattr(ns, cli_parser.TABLE, None) or flag_table()
     flags = table.get(name, {})
     by_flag = {flag: field for field, flag in flags.items()}
     infos = {info.name: info for info in policy_fields(cls)}
-    given = given_flags(ns)
-    foreign = [flag for flag in given if flag not in by_flag]
-    if foreign:
-        takes = ", ".join(flags.values()) or "no flags"
-        raise ConfigError(
-            f"{', '.join(foreign)} {'is not a flag' if len(foreign) == 1 else 'are not flags'} of --policy {name} "
-            f"({_owners(table, foreign)}; --policy {name} takes {takes})"
-        )
-    values = {by_flag[flag]: parse_field(flag, infos[by_flag[flag]], text) for flag, text in given.items()}
-    missing = [flags[f] for f, info in infos.items() if info.required and f not in values]
-    if missing:
-        raise ConfigError(f"--policy {name} needs {' and '.join(missing)}")
+    values = {by_flag[flag]: parse_field(flag, infos[by_flag[flag]], text) for flag, text in given_flags(ns).items()}
     try:
         return policy_from_dict({"policy": name, **values})
     except ConfigError as e:
         raise ConfigError(_in_flags(str(e), cls, flags)) from None
-
-
-def _owners(table: Mapping[str, Mapping[str, str]], flags: Sequence[str]) -> str:
-    """``--window goes with --policy sparse``: the policies that take each flag, flags with the same owners together."""
-    by_owners: dict[tuple[str, ...], list[str]] = {}
-    for flag in flags:
-        owners = tuple(policy for policy, fields in table.items() if flag in fields.values())
-        by_owners.setdefault(owners, []).append(flag)
-    parts = []
-    for owners, group in by_owners.items():
-        verb = "goes" if len(group) == 1 else "go"
-        parts.append(f"{' and '.join(group)} {verb} with --policy {' or '.join(owners)}")
-    return "; ".join(parts)
 
 
 def _in_flags(message: str, cls: type[Policy], flags: Mapping[str, str]) -> str:
@@ -459,3 +382,8 @@ def _in_flags(message: str, cls: type[Policy], flags: Mapping[str, str]) -> str:
     if m is None or m.group(1) != cls.__name__ or m.group(2) not in flags:
         return message
     return flags[m.group(2)] + message[m.end():]
+
+
+if __name__ == "__main__":
+    SPEC_MODULE.write_text(spec_module_text())
+    print(f"wrote {SPEC_MODULE}", file=sys.stderr)
