@@ -67,6 +67,7 @@ from attnrw import cli_bench
 from attnrw.cli_flags import CALLABLE_SPEC, import_callable, policy_from_flags, policy_spec
 from attnrw.errors import AttnrwError, ConfigError, DynamicShapeError, ModelSpecError, VerificationError
 from attnrw.files import CLI_HINT, check_output, write_atomically
+from attnrw.rewriter.trace import PYTREE_DEPRECATION
 from attnrw.shapes import dynamic_seq_errors, dynamic_seq_shapes
 from attnrw_cli import parser as cli_parser
 from attnrw_cli.parser import DEFAULT_BATCH, DEFAULT_SEQ_LEN, EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -564,8 +565,8 @@ def _quiet_dependencies(verbosity: int) -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
-        # torch's pytree deprecation, raised from inside torch.export on every HF model output.
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        # Also raised by the ONNX exporter, outside attnrw.rewrite's own filter.
+        warnings.filterwarnings("ignore", message=PYTREE_DEPRECATION)
         for lg in loggers:
             lg.setLevel(logging.ERROR)
         try:

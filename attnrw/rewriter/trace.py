@@ -15,6 +15,7 @@ in the compile trace, so both entry points see the same sites.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,6 +144,11 @@ def keep_sdpa_table() -> Any:
     return table
 
 
+#: torch's own pytree deprecation, which torch.export raises from inside itself on model outputs
+#: such as transformers' ``ModelOutput``: nothing a user of attnrw can act on.
+PYTREE_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
 def export_program(
     model: torch.nn.Module | torch.export.ExportedProgram,
     args: tuple,
@@ -150,11 +156,13 @@ def export_program(
     dynamic_shapes: Any = None,
 ) -> torch.export.ExportedProgram:
     """``torch.export`` a model (or take a program) and decompose it to the matchers' IR."""
-    if isinstance(model, torch.export.ExportedProgram):
-        ep = model
-    else:
-        ep = torch.export.export(model, tuple(args), dict(kwargs or {}), dynamic_shapes=dynamic_shapes)
-    return ep.run_decompositions(keep_sdpa_table())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PYTREE_DEPRECATION, category=FutureWarning)
+        if isinstance(model, torch.export.ExportedProgram):
+            ep = model
+        else:
+            ep = torch.export.export(model, tuple(args), dict(kwargs or {}), dynamic_shapes=dynamic_shapes)
+        return ep.run_decompositions(keep_sdpa_table())
 
 
 def export_context(ep: torch.export.ExportedProgram, args: tuple | None, kwargs: dict | None) -> MatchContext:

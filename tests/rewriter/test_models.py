@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -67,3 +68,19 @@ def test_compile_matches_and_sees_same_sites(name: str) -> None:
     assert sum(1 for r in reports for d in r.decisions if d.op == "attention") == EXPECTED_SITES[name]
     exported_sites = attnrw.inspect(model, args, kwargs).sites
     assert sorted(s.key() for s in compiled_sites) == sorted(s.key() for s in exported_sites)
+
+
+def test_rewrite_of_a_model_output_class_warns_nothing() -> None:
+    """``attnrw.rewrite`` of a transformers model (a ``ModelOutput`` result) raises no torch-internal warning.
+
+    torch.export warns ``isinstance(treespec, LeafSpec)`` is deprecated from inside itself on such
+    outputs; attnrw filters exactly that one (``trace.PYTREE_DEPRECATION``) and nothing else.
+    """
+    pytest.importorskip("transformers")
+    from tests import zoo
+
+    model, args, kwargs = zoo.bert("sdpa")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attnrw.rewrite(model, args, kwargs)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
