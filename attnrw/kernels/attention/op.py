@@ -22,17 +22,21 @@ def attention(
     attn_mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Exact attention. q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> (B, H, Sq, Dv).
+
+    ``softcap`` > 0 caps the scaled scores to ``softcap · tanh(s / softcap)``
+    before the mask (:mod:`attnrw.kernels.common.dense`).
 
     The output is laid out in memory as (B, Sq, H, Dv), as SDPA returns it,
     so the usual ``transpose(1, 2)`` that follows is contiguous.
     """
-    return sdpa_layout(dense_attention(q, k, v, attn_mask, is_causal, scale))
+    return sdpa_layout(dense_attention(q, k, v, attn_mask, is_causal, scale, softcap))
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, attn_mask, is_causal, scale):
+def _attention_fake(q, k, v, attn_mask, is_causal, scale, softcap=0.0):
     return empty_sdpa_layout(q, v.shape[-1])
 
 

@@ -25,12 +25,15 @@ def math_attention(
     attn_mask: torch.Tensor | None,
     is_causal: bool,
     scale: float,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """The textbook formula with an S×S matrix; only for tests and tiny shapes."""
     heads = q.shape[1]
     k = expand_kv(k, heads).to(torch.float64)
     v = expand_kv(v, heads).to(torch.float64)
     s = q.to(torch.float64) @ k.transpose(-1, -2) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if is_causal:
         q_len, kv_len = s.shape[-2:]
         keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=s.device).tril()

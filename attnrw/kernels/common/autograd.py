@@ -28,9 +28,10 @@ def _arguments(op: Any) -> list[tuple[str, str]]:
     text = str(schema)
     inner = text[text.index("(") + 1 : text.rindex(") ->")]
     decls = inner.split(", ") if inner else []
+    decls = [d.split("=")[0] for d in decls]  # the backward op takes every argument, without defaults
     names = [a.name for a in schema.arguments]
     if len(decls) != len(names) or any(not d.endswith(" " + n) for d, n in zip(decls, names)):
-        raise TypeError(f"cannot read the arguments of {schema} (defaults are not supported here)")
+        raise TypeError(f"cannot read the arguments of {schema}")
     return list(zip(names, decls))
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attnrw.kernels.common.dense import soft_cap
 from attnrw.kernels.common.shapes import acc_dtype, as_4d
 
 
@@ -98,29 +99,33 @@ def scatter_mask_grad(
     dm4[where].index_put_(idx, dsum.to(dm4.dtype), accumulate=True)
 
 
-def attend_math(q: torch.Tensor, part: Part, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_math(q: torch.Tensor, part: Part, scale: float, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention written out (fp32 for half inputs) -> (out in q's dtype, logsumexp fp32).
 
     Rows that see nothing give 0 and logsumexp -inf. For what PyTorch's
-    fused CPU kernel does not take (value dims other than the key dim) and
-    for devices without it.
+    fused CPU kernel does not take (value dims other than the key dim, a
+    ``softcap`` of the scores before the mask) and for devices without it.
     """
     acc = acc_dtype(q.dtype)
-    s = (q.to(acc) @ part.k.to(acc).transpose(-1, -2)) * scale + part.mask.to(acc)
+    s = soft_cap((q.to(acc) @ part.k.to(acc).transpose(-1, -2)) * scale, softcap) + part.mask.to(acc)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
     return (p @ part.v.to(acc)).to(q.dtype), lse.float()
 
 
 def attend_part(
-    q: torch.Tensor, part: Part, scale: float, need_lse: bool, may_be_empty: bool
+    q: torch.Tensor, part: Part, scale: float, need_lse: bool, may_be_empty: bool, softcap: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of q (n, nb, bs, D) over one part -> (out (n, nb, bs, Dv), logsumexp (n, nb, bs) fp32 or None).
 
     ``may_be_empty``: some row may see no key of the part (a user mask, or a
     part that need not hold the query itself). Such rows output 0 and get
-    logsumexp -inf.
+    logsumexp -inf. A ``softcap`` (:func:`~attnrw.kernels.common.dense.soft_cap`)
+    takes the written-out path: the fused kernels have no such step.
     """
+    if softcap:
+        out, lse = attend_math(q, part, scale, softcap)
+        return out, lse if need_lse else None
     # One reduction pass, no temporary: a row sees some key iff its largest mask entry is finite.
     visible = part.mask.amax(-1) > float("-inf") if may_be_empty else None
     if not need_lse:

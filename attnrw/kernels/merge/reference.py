@@ -264,13 +264,13 @@ def merged_attention_grads(
     check_inputs(q, k, v, attn_mask, is_causal, ratio, r, mode, protect)
     plan = merge_plan(k, attn_mask, ratio, r, protect)
     if plan.num_merged == 0:
-        return attention_grads(grad_out, q, k, v, attn_mask, False, scale, mask_grad)
+        return attention_grads(grad_out, q, k, v, attn_mask, False, scale, 0.0, mask_grad)
     acc = acc_dtype(q.dtype)
     qkv = mode == "qkv"
     mg = _merge(q, k, v, attn_mask, plan, qkv)
     g = _restore_grad(grad_out.to(acc), plan, mg.flat) if qkv else grad_out
     want_bias_grad = mask_grad and attn_mask is not None
-    dqm, dkm, dvm, dbias = attention_grads(g, mg.q, mg.k, mg.v, mg.bias, False, scale, want_bias_grad)
+    dqm, dkm, dvm, dbias = attention_grads(g, mg.q, mg.k, mg.v, mg.bias, False, scale, 0.0, want_bias_grad)
     dq = unmerge_grad(dqm, plan, mg.flat, q.dtype) if qkv else dqm
     dk = unmerge_grad(dkm, plan, mg.flat, k.dtype)
     dv = unmerge_grad(dvm, plan, mg.flat, v.dtype)

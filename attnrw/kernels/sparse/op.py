@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from attnrw.errors import ImplementationUnavailableError
 from attnrw.kernels.common.autograd import register_backward
 from attnrw.kernels.dispatch import check_impl, choose
 from attnrw.kernels.sparse.layout import check_inputs
@@ -43,19 +44,34 @@ def sparse_attention(
     topk: int,
     block_size: int,
     impl: str,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Sinks + sliding window (+ block top-k) attention; the rule is in :mod:`attnrw.kernels.sparse.reference`.
 
     q (batch, heads, S, D), k (batch, kv_heads, S, D), v (batch, kv_heads, S, Dv) -> (batch, heads, S, Dv).
+    ``softcap`` > 0 caps the scores before the window (PyTorch path only: the Triton kernel has no cap).
     """
+    if softcap:
+        _check_softcap_impl(impl)
+        return sparse_attention_torch(q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size,
+                                      softcap).contiguous()
     fn = resolve_impl(impl, q.device)
     return fn(q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size).contiguous()
 
 
+def _check_softcap_impl(impl: str) -> None:
+    if impl == "triton":
+        raise ImplementationUnavailableError(
+            "sparse_attention: the Triton kernel does not softcap the scores; use impl='torch' or impl='auto'"
+        )
+
+
 @sparse_attention.register_fake
-def _sparse_attention_fake(q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size, impl):
+def _sparse_attention_fake(q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size, impl, softcap=0.0):
     check_inputs(q, k, v, attn_mask, window, sinks, topk, block_size)
     check_impl(impl, "sparse_attention")
+    if softcap:
+        _check_softcap_impl(impl)
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

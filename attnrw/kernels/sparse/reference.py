@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnrw.kernels.common.dense import dense_attention
+from attnrw.kernels.common.dense import dense_attention, soft_cap, soft_cap_slope
 from attnrw.kernels.common.shapes import acc_dtype, additive, as_4d, blocked, cdiv, mask_grad_out, per_head, ranges
 from attnrw.kernels.common.spans import Part, add_user_mask, attend_part, merge_partials, scatter_mask_grad
 from attnrw.kernels.sparse.layout import band_reach, check_inputs, select_blocks
@@ -331,8 +331,12 @@ def sparse_attention_torch(
     sinks: int,
     topk: int,
     block_size: int,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Sinks + sliding window (+ block top-k) attention; see the module docstring for the rule.
+
+    ``softcap`` > 0 caps each scaled score (``softcap · tanh(s / softcap)``) before the
+    window and the mask apply, as the dense op does; the capped parts are written out.
 
     q (batch, heads, S, D), k (batch, kv_heads, S, D), v (batch, kv_heads, S, Dv),
     attn_mask None or broadcastable to (batch, heads, S, S) -> (batch, heads, S, Dv)
@@ -344,7 +348,7 @@ def sparse_attention_torch(
     if covers and attn_mask is None:
         # Every key is visible: one fused dense call is exact and much faster
         # than the chunked path (no mask, so no row can be left without keys).
-        return dense_attention(q, k, v, None, is_causal, scale).contiguous()
+        return dense_attention(q, k, v, None, is_causal, scale, softcap).contiguous()
     geo = _geometry(seq_len, block_size, window, sinks, is_causal)
     blocks = select_blocks(q, k, topk, block_size, window, sinks, is_causal)
     out = q.new_empty((batch, heads, seq_len, v.shape[-1]))
@@ -352,7 +356,8 @@ def sparse_attention_torch(
         for qbs in ranges(geo.num_blocks, _fold_elems(c, geo), _FOLD_CHUNK_ELEMS):
             f = _fold(c, geo, qbs)
             results = [
-                attend_part(f.q, p, scale, need_lse=len(f.parts) > 1, may_be_empty=c.mask is not None or i > 0)
+                attend_part(f.q, p, scale, need_lse=len(f.parts) > 1, may_be_empty=c.mask is not None or i > 0,
+                            softcap=softcap)
                 for i, p in enumerate(f.parts)
             ]
             if len(results) == 1:
@@ -378,6 +383,7 @@ def sparse_attention_grads(
     sinks: int,
     topk: int,
     block_size: int,
+    softcap: float,
     mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`sparse_attention_torch` (also used after the Triton forward).
@@ -412,22 +418,24 @@ def sparse_attention_grads(
         for qbs in ranges(geo.num_blocks, per_block, _BACKWARD_CHUNK_ELEMS):
             f = _fold(c, geo, qbs)
             qc, gc = f.q.to(acc), g_all[c.batch, c.heads, qbs].to(acc)
-            scores = [(qc @ p.k.to(acc).transpose(-1, -2)) * scale + p.mask.to(acc) for p in f.parts]
+            capped = [soft_cap((qc @ p.k.to(acc).transpose(-1, -2)) * scale, softcap) for p in f.parts]
+            scores = [c_s + p.mask.to(acc) for c_s, p in zip(capped, f.parts)]
             lse = torch.logsumexp(torch.stack([torch.logsumexp(s, dim=-1) for s in scores]), dim=0)[..., None]
             lse = lse.masked_fill(lse == float("-inf"), 0.0)  # rows seeing nothing: p = 0 below
             probs = [torch.exp(s - lse) for s in scores]
             o = sum(pr @ p.v.to(acc) for pr, p in zip(probs, f.parts))
             delta = (gc * o).sum(-1, keepdim=True)
             dq_c = torch.zeros_like(qc)
-            for pr, p in zip(probs, f.parts):
+            for pr, p, c_s in zip(probs, f.parts, capped):
                 kc, vc = p.k.to(acc), p.v.to(acc)
                 ds = pr * (gc @ vc.transpose(-1, -2) - delta)
+                if dm4 is not None and c.mask is not None:  # the mask is added after the cap
+                    scatter_mask_grad(dm4, c.mask, c.mask_index, n, f.query_pos, p.key_pos, ds)
+                ds = ds * soft_cap_slope(c_s, softcap)
                 dq_c += (ds @ kc) * scale
                 kpos = p.key_pos.expand(n, -1, -1)
                 dk_c.index_put_((rows, kpos), (ds.transpose(-1, -2) @ qc) * scale, accumulate=True)
                 dv_c.index_put_((rows, kpos), pr.transpose(-1, -2) @ gc, accumulate=True)
-                if dm4 is not None and c.mask is not None:
-                    scatter_mask_grad(dm4, c.mask, c.mask_index, n, f.query_pos, p.key_pos, ds)
             lo, hi = qbs.start * block_size, min(qbs.stop * block_size, seq_len)
             dq[c.batch, c.heads, lo:hi] = dq_c.flatten(1, 2)[:, : hi - lo]
 
