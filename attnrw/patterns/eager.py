@@ -14,6 +14,9 @@ whatever spelling produced it:
   T5/Swin/ALiBi position biases), ``masked_fill``/``where`` with a large
   negative fill (boolean masks; DistilBERT, GPT-2), in any frame that keeps
   the query and key axes (Swin adds its mask in a 5-D view);
+* attention-logit softcapping, ``c · tanh(a · Q·Kᵀ)`` before the masks
+  (Gemma 2: ``tanh(s / cap) * cap``): the site's ``softcap`` is c, its scale
+  a · c; nothing but factors may sit inside the tanh;
 * casts around the softmax (upcast to float32 and back), eval-mode dropout;
 * the product with values as P·V or, with channels-first values, Vᵀ·Pᵀ
   (timm's EfficientViT: ``v @ attn.transpose(-2, -1)``), the probabilities
@@ -119,7 +122,7 @@ def _reaches_product(node: Any, rows: Any, cols: Any, depth: int = 24) -> bool:
         return True
     if t in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor):
         return any(_reaches_product(a, rows, cols, depth - 1) for a in node.args[:2])
-    if t in _MASKED_FILL:
+    if t in _MASKED_FILL or t is aten.tanh.default:
         return _reaches_product(node.args[0], rows, cols, depth - 1)
     if t is aten.where.self:
         return any(_reaches_product(a, rows, cols, depth - 1) for a in node.args[1:3])
@@ -141,6 +144,9 @@ class _ScoreChain:
         # multiplied by the scales applied after it.
         self.terms: list[tuple[Any, tuple, float]] = []
         self.interior: set[Node] = set()
+        # The factor outside a softcap's tanh (``c · tanh(x)``), once the walk passed one;
+        # self.scale then counts the factors inside it.
+        self.softcap: float | None = None
 
     def walk(self, x: Node) -> Node:
         cur: Any = x
@@ -170,6 +176,8 @@ class _ScoreChain:
         return chosen, [c for c in candidates if c is not chosen]
 
     def _term(self, term: Any, frame: tuple) -> None:
+        if self.softcap is not None:
+            raise NoMatch("a mask or bias is added to the scores inside the tanh of a softcap")
         if isinstance(term, Node) and _reaches_product(term, self.rows, self.cols, depth=8):
             # A bias built from the scores themselves is not a mask we can pass in.
             raise NoMatch("a term added to the scores depends on the scores")
@@ -205,7 +213,9 @@ class _ScoreChain:
                 self._term(term, frame)
             elif not isinstance(other, (int, float)):
                 raise NoMatch(f"{node.name}: unsupported operand {other!r}")
-            # A constant added to every score cancels in the softmax.
+            elif other != 0 and self.softcap is not None:
+                raise NoMatch(f"{node.name}: a constant is added to the scores inside the tanh of a softcap")
+            # A constant added to every score (outside a softcap) cancels in the softmax.
             return score
         if t in (aten.mul.Tensor, aten.div.Tensor):
             a, b = node.args[:2]
@@ -242,8 +252,25 @@ class _ScoreChain:
             dt = tensor_val(node).dtype
             self._term(E.where(cond, 0.0, v, dt) if score is a else E.where(cond, v, 0.0, dt), frame)
             return score
+        if t is aten.tanh.default:
+            return self._softcap(node)
         name = getattr(t, "__name__", str(t))
         raise NoMatch(f"the scores pass through {name} between the product and the softmax")
+
+    def _softcap(self, node: Node) -> Any:
+        """``c · tanh(x)`` on the scores: a softcap of ``c``; the factors inside the tanh make the scale.
+
+        ``c · tanh(a · qk) = cap · tanh(scale · qk / cap)`` with cap = c and
+        scale = a · c (Gemma 2 writes ``tanh(s / cap) * cap``). The factor
+        outside must be a number: a tensor there cannot be folded into q.
+        """
+        if self.softcap is not None:
+            raise NoMatch(f"{node.name}: the scores pass through tanh twice (a softcap of a softcap)")
+        if self.runtime:
+            raise NoMatch(f"{node.name}: the tanh of a softcap is scaled by a tensor, not a number")
+        self.softcap = self.scale
+        self.scale = 1.0
+        return node.args[0]
 
 
 def _prescale(node: Any, ctx: MatchContext) -> tuple[Any, float]:
@@ -360,6 +387,10 @@ def _product_with_values(sm: Node, xs: tuple) -> tuple[Node, bool, set[Node]]:
     if matrix != want:
         if matrix == (want[1], want[0]):
             raise NoMatch("the product sums the probabilities over the query axis, not the key axis")
+        contracted = layout.labels((matrix[0] if p_right else matrix[1],))
+        if contracted and set(contracted) <= set(batch):
+            raise NoMatch("the probabilities are mixed across heads or batch entries before the product with "
+                          "values (talking heads): each output would depend on other heads' attention")
         raise NoMatch("the probabilities are reshaped across the query and key axes")
     if layout.labels(groups[:-2]) != batch:
         raise NoMatch("the probabilities' batch axes are reordered before the product with values")
@@ -405,7 +436,11 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
         if frame is not None and not same_shape(frame[:-2], xb):
             raise NoMatch("the scores are scaled by a tensor in another frame than the softmax's")
     interior |= chain.interior | {qk}
-    scale = chain.scale
+    softcap = chain.softcap or 0.0
+    if softcap and qk.target is aten.baddbmm.default and qk.args[0] is not None and qk.kwargs.get("beta", 1) != 0:
+        raise NoMatch("a bias is added to the scores inside the tanh of a softcap (baddbmm)")
+    # With a softcap the op computes cap·tanh(scale·qk/cap): its scale is the factors inside times cap.
+    scale = chain.scale * (softcap or 1.0)
     terms = list(chain.terms)
     if qk.target is aten.baddbmm.default:
         bias, a_node, b_node = qk.args[:3]
@@ -500,6 +535,7 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
         self_attention=aligned(q, k, rows, cols, ctx, mask_info.causal, axis),
         attended_axis=axis,
         node=sm.name,
+        softcap=float(softcap),
     )
     return Match(
         site=site,
@@ -513,6 +549,7 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
         output=out,
         interior=interior,
         anchor=sm,
+        softcap=float(softcap),
     )
 
 

@@ -40,7 +40,8 @@ class Match:
     ``q``, ``k``, ``v`` and ``mask`` are expressions (see :mod:`attnrw.patterns.expr`)
     in the canonical layout. ``replace`` is the node whose uses take
     ``output`` (an expression over ``expr.RESULT``, the op's (B, H, Sq, Dv)
-    output). ``interior`` holds the nodes the rewrite makes dead.
+    output). ``interior`` holds the nodes the rewrite makes dead. ``softcap``
+    is the op's argument of that name (0: the scores are not capped).
     """
 
     site: AttentionSite
@@ -54,6 +55,7 @@ class Match:
     output: Any
     interior: set[Node] = field(default_factory=set)
     anchor: Node | None = None
+    softcap: float = 0.0
 
 
 def peel_to_shape(node: Any, target: tuple) -> Any:

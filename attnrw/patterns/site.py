@@ -29,6 +29,8 @@ class AttentionSite:
     are channels × channels; never aligned) or ``"unknown"`` (the trail
     back to a projection was lost). ``index`` is the site's number in
     graph order among the sites of its graph (per-site schedules use it).
+    ``softcap`` > 0: the scaled scores are capped to ``softcap · tanh(s /
+    softcap)`` before the mask (Gemma 2's attention-logit softcapping); 0: not.
     """
 
     module_path: str
@@ -49,6 +51,7 @@ class AttentionSite:
     node: str
     attended_axis: str = "tokens"
     index: int = 0
+    softcap: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

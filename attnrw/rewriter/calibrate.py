@@ -171,7 +171,7 @@ class Calibrator:
             tensors = _site_tensors(self.gm, self.matches, inputs)
             for i, (m, (q, k, v, mask)) in enumerate(zip(self.matches, tensors)):
                 with torch.no_grad():
-                    dense = torch.ops.attnrw.attention(q, k, v, mask, m.is_causal, m.scale)
+                    dense = torch.ops.attnrw.attention(q, k, v, mask, m.is_causal, m.scale, m.softcap)
                     for c in self.candidates:
                         out = dense if is_dense(c) else call_site(m, lower_site(m, c), q, k, v, mask)
                         st = stats[i][c]

@@ -57,7 +57,7 @@ def lower_site(m: Match, policy: Policy) -> SiteCall:
     """Ask ``policy`` how to lower the site of ``m``; a :class:`Keep` becomes the dense op with its reason."""
     lowering = policy.lower(m.site)
     if isinstance(lowering, Keep):
-        return SiteCall(torch.ops.attnrw.attention.default, {"is_causal": m.is_causal}, lowering.reason, kept=True)
+        return _kept(m, lowering.reason)
     if not isinstance(lowering, Lowering):
         raise TypeError(
             f"{type(policy).__name__}.lower() must return attnrw.Lowering or attnrw.Keep, got {lowering!r}"
@@ -70,8 +70,10 @@ def lower_site(m: Match, policy: Policy) -> SiteCall:
     if names != SITE_ARGS:
         raise TypeError(f"{op.name()}'s schema must start with ({', '.join(SITE_ARGS)}); it starts with "
                         f"({', '.join(names)})")
-    values = {"is_causal": m.is_causal, **dict(lowering.kwargs)}
-    clash = sorted(set(values) & set(SITE_ARGS) - {"is_causal"})
+    if m.softcap and "softcap" not in opargs.arg_names(op):
+        return _kept(m, f"{op.name()} has no softcap argument; the site caps its scores (softcap {m.softcap:g})")
+    values = {"is_causal": m.is_causal, **_softcap_value(m), **dict(lowering.kwargs)}
+    clash = sorted(set(lowering.kwargs) & {*SITE_ARGS, "softcap"} - {"is_causal"})
     if clash:
         raise TypeError(f"{type(policy).__name__}.lower(): Lowering.kwargs may not set {', '.join(clash)} "
                         "(the pass fills them from the site)")
@@ -80,6 +82,17 @@ def lower_site(m: Match, policy: Policy) -> SiteCall:
     except TypeError as e:
         raise TypeError(f"{type(policy).__name__}.lower(): {e}") from None
     return SiteCall(op, values, lowering.note, lowering.score_bias)
+
+
+def _kept(m: Match, reason: str) -> SiteCall:
+    """The site as the exact dense op, with why the policy's op was not used."""
+    return SiteCall(torch.ops.attnrw.attention.default, {"is_causal": m.is_causal, **_softcap_value(m)}, reason,
+                    kept=True)
+
+
+def _softcap_value(m: Match) -> dict[str, float]:
+    """``{"softcap": c}`` for a capped site; nothing otherwise, so ops without the argument stay callable."""
+    return {"softcap": m.softcap} if m.softcap else {}
 
 
 def _site_values(m: Match, call: SiteCall, q: Any, k: Any, v: Any, mask: Any) -> dict[str, Any]:

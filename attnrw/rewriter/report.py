@@ -84,7 +84,7 @@ class Report:
                     str(s.q_len),
                     str(s.kv_len),
                     str(s.head_dim),
-                    f"{s.scale:.4g}",
+                    f"{s.scale:.4g}" + (f" cap {s.softcap:.4g}" if s.softcap else ""),
                     "yes" if s.causal else "no",
                     s.mask,
                     s.dtype,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnrw
+from attnrw.kernels.attention import math_attention
 
 #: fp32 exact rewrites (DESIGN.md).
 ATOL = 1e-5
@@ -250,7 +251,68 @@ class PerHeadTemperature(Idiom):
         return out.transpose(1, 2).flatten(2)
 
 
-IDIOMS = [TimmEfficientVitMsra, ChannelsFirstValuesLeft, Swinv2CosineAttention, PerHeadTemperature]
+# -- softcapped scores ----------------------------------------------------------------
+
+
+class Gemma2SoftcapScores(Idiom):
+    """Gemma 2's attention-logit softcapping, ``tanh(s / cap) * cap`` on the scaled scores, then a padding mask.
+
+    Gemma 2 is causal; here the scores are bidirectional so that the shared
+    Sparse test applies (the causal HF model is in ``test_softcap.py``). The
+    cap is small against the peaked scores, so dropping it changes the output.
+    """
+
+    cap = 4.0
+
+    def __init__(self, e: int = 16, heads: int = 2, d: int = 8) -> None:
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.q, self.k, self.v = (nn.Linear(e, heads * d) for _ in range(3))
+        _gain(self.q, self.k)
+
+    def example(self, s: int, batch: int = 2) -> torch.Tensor:
+        return torch.randn(batch, s, 16)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], self.heads, self.d).transpose(1, 2)
+
+    def _pad(self, x) -> torch.Tensor:
+        keep = torch.ones(x.shape[0], 1, 1, x.shape[1], dtype=torch.bool)
+        keep[-1, ..., -2:] = False  # two padded keys: every query of the band still sees one
+        return keep
+
+    def forward(self, x):
+        q, k, v = (self._heads(lin(x)) for lin in (self.q, self.k, self.v))
+        w = torch.matmul(q, k.transpose(2, 3)) * self.d**-0.5
+        w = w / self.cap
+        w = torch.tanh(w)
+        w = w * self.cap
+        w = w + torch.zeros(self._pad(x).shape).masked_fill(~self._pad(x), torch.finfo(w.dtype).min)
+        p = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+
+    def canonical(self, x):
+        q, k, v = (self._heads(lin(x)) for lin in (self.q, self.k, self.v))
+        return q, k, v, self.d**-0.5
+
+    def reference(self, x, allowed=None):
+        q, k, v, scale = self.canonical(x)
+        mask = self._pad(x) if allowed is None else self._pad(x) & allowed
+        return self.finish(math_attention(q, k, v, mask, False, scale, self.cap), x)
+
+    def dynamic_shapes(self) -> dict:
+        return {"x": {1: torch.export.Dim("seq", min=3, max=64)}}  # two padded keys and one more
+
+    def probs(self, x):
+        q, k, _, scale = self.canonical(x)
+        return (torch.tanh((q @ k.transpose(-1, -2)) * scale / self.cap) * self.cap).softmax(-1)
+
+    def finish(self, out, x):
+        return out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+
+
+IDIOMS = [TimmEfficientVitMsra, ChannelsFirstValuesLeft, Swinv2CosineAttention, PerHeadTemperature,
+          Gemma2SoftcapScores]
 
 
 def _model(cls: type) -> Idiom:

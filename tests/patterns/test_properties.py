@@ -36,6 +36,8 @@ TENSOR_SCALES = ("head_tensor", "head_tensor_div")
 MASKS = ("none", "additive", "bool_fill", "tril_buffer", "causal_where", "bias")
 GQA = ("none", "repeat_kv", "repeat_interleave")
 PV = ("left", "right")
+#: Gemma 2's attention-logit softcap ``tanh(s / cap) * cap``, before the mask; 0: none.
+SOFTCAPS = (0.0, 0.0, 2.0)
 
 
 class HandWritten(nn.Module):
@@ -88,6 +90,8 @@ class HandWritten(nn.Module):
             scores = scores / math.sqrt(d)
         elif c["scale"] == "head_tensor_div":
             scores = scores / self.temperature.exp().view(h, 1, 1).to(scores.dtype)
+        if c["softcap"]:
+            scores = torch.tanh(scores / c["softcap"]) * c["softcap"]
         scores = self._mask(scores, pad)
         if c["scale"] == "head_tensor":
             scores = scores * self.temperature.exp().to(scores.dtype)
@@ -132,6 +136,9 @@ def configs(draw: st.DrawFn) -> dict:
     heads = draw(st.sampled_from((2, 4)))
     gqa = draw(st.sampled_from(GQA))
     kv_heads = heads if gqa == "none" else draw(st.sampled_from([h for h in (1, 2) if heads % h == 0 and h < heads]))
+    scale = draw(st.sampled_from(SCALES))
+    # A tensor scale applied after the mask sits outside the cap's tanh: that is not a softcap.
+    softcap = 0.0 if scale == "head_tensor" else draw(st.sampled_from(SOFTCAPS))
     return {
         "heads": heads,
         "kv_heads": kv_heads,
@@ -142,7 +149,8 @@ def configs(draw: st.DrawFn) -> dict:
         "batch": draw(st.integers(1, 2)),
         "layout": draw(st.sampled_from(LAYOUTS)),
         "key_form": draw(st.sampled_from(KEY_FORMS)),
-        "scale": draw(st.sampled_from(SCALES)),
+        "scale": scale,
+        "softcap": softcap,
         "mask": draw(st.sampled_from(MASKS)),
         "upcast": draw(st.booleans()),
         "pv": draw(st.sampled_from(PV)),
@@ -186,6 +194,7 @@ def test_handwritten_variants_found_and_exact(cfg: dict) -> None:
         assert not site.causal, site
     expected_scale = 1.0 if cfg["scale"] in ("none", *TENSOR_SCALES) else 1.0 / math.sqrt(cfg["head_dim"])
     assert site.scale == pytest.approx(expected_scale, rel=1e-6)
+    assert site.softcap == pytest.approx(cfg["softcap"], rel=1e-6)
     # softmax(x.float()) on a float64 model is a downcast: the model itself is only fp32-accurate there.
     atol = ATOL[torch.float32] if cfg["upcast"] and cfg["dtype"] == torch.float64 else ATOL[cfg["dtype"]]
     assert (out.double() - ref.double()).abs().max().item() <= atol
@@ -195,6 +204,7 @@ def test_handwritten_variants_found_and_exact(cfg: dict) -> None:
 
 NEAR_MISSES = (
     "softmax_queries", "query_scale", "key_scale", "score_bias", "fill_zero", "probs_returned", "probs_transposed",
+    "talking_heads", "mask_inside_softcap", "softcap_by_tensor", "tanh_twice",
 )
 
 
@@ -205,6 +215,8 @@ class NearMiss(nn.Module):
         super().__init__()
         self.kind, self.heads, self.dim = kind, heads, dim
         self.qkv = nn.Linear(16, 3 * heads * dim)
+        # Talking heads (Shazeer et al. 2020): the probabilities mixed across heads before P·V.
+        self.mix = nn.Parameter(torch.eye(heads) + 0.3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, s, _ = x.shape
@@ -220,7 +232,16 @@ class NearMiss(nn.Module):
             scores = scores + scores.mean(dim=-1, keepdim=True).exp()
         if self.kind == "fill_zero":
             scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), 0.0)
+        causal = torch.full((s, s), float("-inf")).triu(1)
+        if self.kind == "mask_inside_softcap":  # the mask inside the tanh is capped too: not a softcap
+            scores = torch.tanh((scores + causal) / 2.0) * 2.0
+        elif self.kind == "softcap_by_tensor":  # the factor outside the tanh varies per query
+            scores = torch.tanh(scores / 2.0) * q.norm(dim=-1, keepdim=True)
+        elif self.kind == "tanh_twice":
+            scores = torch.tanh(torch.tanh(scores / 2.0) * 2.0) * 2.0
         probs = scores.softmax(dim=-2 if self.kind == "softmax_queries" else -1)
+        if self.kind == "talking_heads":
+            probs = torch.einsum("bhqk,hg->bgqk", probs, self.mix)
         if self.kind == "probs_transposed":
             # Pᵀ·V sums over queries, not keys: the shapes fit only because the scores are square.
             out = (probs.transpose(-2, -1) @ v).transpose(1, 2).reshape(b, s, -1)
@@ -263,6 +284,10 @@ REASONS = {
     "fill_zero": "not a large negative constant",
     "probs_returned": "also used elsewhere",
     "probs_transposed": "over the query axis",
+    "talking_heads": "mixed across heads",
+    "mask_inside_softcap": "inside the tanh of a softcap",
+    "softcap_by_tensor": "scaled by a tensor",
+    "tanh_twice": "tanh twice",
 }
 
 
