@@ -64,6 +64,14 @@ def scalar(x: Value) -> Value:
     return op.Reshape(x, const(np.zeros((0,), dtype=np.int64)))
 
 
+def soft_cap(scores: Value, softcap: float) -> Value:
+    """``softcap · tanh(scores / softcap)`` (the ops' ``softcap``); ``scores`` for 0."""
+    if not softcap:
+        return scores
+    cap = op.CastLike(const(float(softcap), "float32"), scores)
+    return op.Mul(op.Tanh(op.Div(scores, cap)), cap)
+
+
 def neg_inf_like(x: Value) -> Value:
     """A scalar ``-inf`` of ``x``'s dtype."""
     return op.CastLike(const(np.array(-np.inf, dtype=np.float32)), x)

@@ -18,6 +18,7 @@ from attnrw.errors import AttnrwError, ConfigError
 from attnrw.files import check_output, write_atomically
 from attnrw.policies import Dense
 from attnrw.shapes import dynamic_seq_errors, dynamic_seq_shapes
+from attnrw.export.prepare import broadcast_copies
 from attnrw.export.registry import check_translatable, translation_table
 from attnrw.export.verify import verify_file
 
@@ -85,6 +86,8 @@ def export_program(
     """
     table = dict(translation_table(opset) if table is None else table)
     check_translatable(program, table)
+    if broadcast_copies(program):
+        logger.debug("expanded the source of broadcasting aten.copy nodes (see attnrw.export.prepare)")
     # The exporter reports progress with print(); the library never prints, so it goes to the log.
     chatter = io.StringIO()
     try:

@@ -32,6 +32,7 @@ from attnrw.export._graph import (
     rank,
     repeat_kv,
     scalar,
+    soft_cap,
     static_dim,
     to_rank4,
 )
@@ -77,15 +78,18 @@ def attention_op23(
     attn_mask: Value | None = None,
     is_causal: bool = False,
     scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> Value:
     """``attnrw::attention`` as one ONNX ``Attention`` node (opset >= 23).
 
     The 4-D form takes the head counts from the input shapes, so GQA needs no
     ``q_num_heads`` / ``kv_num_heads`` attributes (they are for 3-D inputs).
+    The node's ``softcap`` attribute caps the scores before the mask, as the op does.
     """
     if attn_mask is not None:
         attn_mask = _mask_for_attention_op(attn_mask, q, k, q)
-    y, _, _, _ = op23.Attention(q, k, v, attn_mask, is_causal=int(bool(is_causal)), scale=float(scale))
+    y, _, _, _ = op23.Attention(q, k, v, attn_mask, is_causal=int(bool(is_causal)), scale=float(scale),
+                                softcap=float(softcap))
     return y
 
 
@@ -96,6 +100,7 @@ def attention_decomposed(
     attn_mask: Value | None = None,
     is_causal: bool = False,
     scale: float = 1.0,
+    softcap: float = 0.0,
 ) -> Value:
     """``attnrw::attention`` in MatMul / Softmax / MatMul form, for opsets without ``Attention``.
 
@@ -111,7 +116,7 @@ def attention_decomposed(
     k = repeat_kv(k, heads)
     v = repeat_kv(v, heads)
     qs = op.Mul(q, op.CastLike(const(float(scale), "float32"), q))
-    scores = op.MatMul(qs, op.Transpose(k, perm=[0, 1, 3, 2]))
+    scores = soft_cap(op.MatMul(qs, op.Transpose(k, perm=[0, 1, 3, 2])), softcap)
 
     keep = None
     if is_causal:

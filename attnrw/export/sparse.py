@@ -52,6 +52,7 @@ from attnrw.export._graph import (
     rank,
     repeat_kv,
     scalar,
+    soft_cap,
     static_dim,
     to_rank4,
 )
@@ -146,9 +147,11 @@ def sparse_translation(opset: int, chunk: int | None = None) -> Callable[..., Va
         topk: int = 0,
         block_size: int = 64,
         impl: str = "auto",
+        softcap: float = 0.0,
     ) -> Value:
         return sparse_attention_graph(
-            q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size, chunk=chunk, opset=opset
+            q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size, chunk=chunk, opset=opset,
+            softcap=softcap,
         )
 
     return sparse_attention
@@ -167,6 +170,7 @@ def sparse_attention_graph(
     block_size: int = DEFAULT_BLOCK_SIZE,
     chunk: int | None = None,
     opset: int = ATTENTION_OPSET,
+    softcap: float = 0.0,
 ) -> Value:
     """Trace the chunked window (see the module docstring) and return (B, H, S, Dv).
 
@@ -193,8 +197,8 @@ def sparse_attention_graph(
     if mask_heads is None:
         raise ValueError("the head axis of an attention mask must be static (1 or the number of heads)")
     if opset >= ATTENTION_OPSET:
-        return _chunks_through_attention_op(q, k, v, scale, layout, band, gathered, is_bool, mask_heads)
-    return _chunks_through_matmul(q, k, v, scale, layout, band, gathered, is_bool)
+        return _chunks_through_attention_op(q, k, v, scale, layout, band, gathered, is_bool, mask_heads, softcap)
+    return _chunks_through_matmul(q, k, v, scale, layout, band, gathered, is_bool, softcap)
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,7 @@ def _band_positions(layout: BandLayout, seq: Value, sinks: int, causal: bool) ->
 
 def _chunks_through_attention_op(
     q: Value, k: Value, v: Value, scale: float, layout: BandLayout, band: _Band,
-    gathered: Value | None, is_bool: bool, mask_heads: int,
+    gathered: Value | None, is_bool: bool, mask_heads: int, softcap: float = 0.0,
 ) -> Value:
     """Chunks as the batch of one ``Attention`` node over (batch·nb, tokens, heads·dim) inputs.
 
@@ -267,7 +271,8 @@ def _chunks_through_attention_op(
     mask = op.Reshape(mask, op.Concat(ints(-1, mask_heads, c), band.width, axis=0))
 
     y, _, _, _ = op23.Attention(
-        q_chunks, keys, values, mask, q_num_heads=heads, kv_num_heads=kv_heads, scale=float(scale)
+        q_chunks, keys, values, mask, q_num_heads=heads, kv_num_heads=kv_heads, scale=float(scale),
+        softcap=float(softcap),
     )
     y = op.Reshape(y, op.Concat(batch, ints(-1, heads), v_dim, axis=0))  # (B, nb·C, H, Dv)
     y = op.Slice(y, ints(0), band.seq, ints(1))
@@ -276,7 +281,7 @@ def _chunks_through_attention_op(
 
 def _chunks_through_matmul(
     q: Value, k: Value, v: Value, scale: float, layout: BandLayout, band: _Band,
-    gathered: Value | None, is_bool: bool,
+    gathered: Value | None, is_bool: bool, softcap: float = 0.0,
 ) -> Value:
     """Chunks in a (B, H, nb, C, D) layout through MatMul / Where / Softmax / MatMul (opset < 23)."""
     heads, c = static_dim(q, 1), layout.chunk
@@ -291,7 +296,7 @@ def _chunks_through_matmul(
     keys = _key_rows(k, band, 2)  # (B, H, nb, K, D)
     values = _key_rows(v, band, 2)
 
-    scores = op.MatMul(q_chunks, op.Transpose(keys, perm=[0, 1, 2, 4, 3]))  # (B, H, nb, C, K)
+    scores = soft_cap(op.MatMul(q_chunks, op.Transpose(keys, perm=[0, 1, 2, 4, 3])), softcap)  # (B, H, nb, C, K)
     visible = band.visible
     if gathered is not None:
         if is_bool:
