@@ -10,7 +10,13 @@ k (batch, kv_heads, kv_len, head_dim), v (batch, kv_heads, kv_len, v_dim);
 ``attn_mask`` broadcastable to (batch, heads, q_len, kv_len), bool (True =
 attend) or additive float; ``is_causal`` keeps key ``j`` for query ``i`` iff
 ``j <= i`` (top-left aligned, as SDPA's ``is_causal`` and ``Attention``
-without a KV cache); a query that sees no key outputs zeros.
+without a KV cache); a query that sees no key outputs zeros. A row whose
+every visible additive entry is ``finfo.min`` (padded query rows, as Hugging
+Face and DeBERTa build them) is not empty: in fp32 that value absorbs the
+scores, the softmax is uniform and the row is the mean of V over those keys.
+MatMul / Add / Softmax does that by itself; the ``Attention`` form needs the
+mask moved off onnxruntime's "masked" sentinel
+(:func:`~attnrw.export._graph.lowest_off_sentinel`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from attnrw.export._graph import (
     const,
     dim,
     ints,
+    lowest_off_sentinel,
     masked_softmax,
     neg_inf_like,
     rank,
@@ -54,7 +61,10 @@ def _mask_for_attention_op(mask: Value, q: Value, k: Value, like: Value) -> Valu
     onnxruntime 1.32 rejects a mask whose second-to-last axis is not q_len
     ("inconsistent q_sequence_length") although the ONNX spec allows
     broadcasting, so a (batch, 1, 1, kv_len) padding mask is expanded over the
-    query axis. A float mask is cast to the query's dtype as the op does.
+    query axis. A float mask is cast to the query's dtype as the op does, and
+    its ``finfo.min`` entries moved off onnxruntime's "masked" sentinel
+    (:func:`~attnrw.export._graph.lowest_off_sentinel`: a row masked only by
+    ``finfo.min`` attends uniformly, as in PyTorch, instead of giving zeros).
     """
     q_len, kv_len = static_dim(q, 2), static_dim(k, 2)
     m_q = static_dim(mask, -2) if rank(mask) >= 2 else 1
@@ -64,7 +74,7 @@ def _mask_for_attention_op(mask: Value, q: Value, k: Value, like: Value) -> Valu
     same_q = (m_q is not None and m_q == q_len) or (m_q is None and mask.shape[-2] == q.shape[2])
     same_k = (m_k is not None and m_k == kv_len) or (m_k is None and mask.shape[-1] == k.shape[2])
     if mask.dtype != ir.DataType.BOOL:
-        mask = op.CastLike(mask, like)
+        mask = lowest_off_sentinel(op.CastLike(mask, like), like.dtype)
     if same_q and same_k:
         return mask
     target = op.Concat(*lead, dim(q, 2), dim(k, 2), axis=0)

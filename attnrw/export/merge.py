@@ -75,7 +75,7 @@ from onnxscript import opset23 as op23
 from attnrw.errors import ConfigError
 from attnrw.masking import MASKED_BELOW
 from attnrw.export._graph import (
-    Value, const, dim, ints, masked_softmax, neg_inf_like, rank, scalar, static_dim, to_rank4, zero_like,
+    Value, const, dim, ints, lowest_off_sentinel, masked_softmax, neg_inf_like, rank, scalar, static_dim, to_rank4, zero_like,
 )
 from attnrw.export.dense import ATTENTION_OPSET
 from attnrw.export.registry import register_translation
@@ -160,7 +160,7 @@ def merged_attention_graph(
         if qkv and mask_rows != 1:
             bias = _merge_bias_rows(bias, plan)  # (B, h', M, M)
 
-    out = _attend(qm, km, vm, bias, plan.m if qkv else q_len, float(scale), mask4 is not None, opset, heads)
+    out = _attend(qm, km, vm, bias, plan.m if qkv else q_len, float(scale), mask4 is not None, opset, heads, q.dtype)
     return _restore(out, plan) if qkv else out
 
 
@@ -507,13 +507,15 @@ def _head_counts(q: Value, k: Value) -> tuple[int, int]:
 
 
 def _attend(
-    q: Value, k: Value, v: Value, bias: Value, rows: Value, scale: float, masked: bool, opset: int, heads: tuple[int, int]
+    q: Value, k: Value, v: Value, bias: Value, rows: Value, scale: float, masked: bool, opset: int,
+    heads: tuple[int, int], dtype: ir.DataType | None,
 ) -> Value:
     """Attention of q (B, H, rows, D) on the merged k, v with the additive ``bias``; a query whose bias row is all
-    ``-inf`` (only possible when ``masked``) outputs 0. ``heads``: :func:`_head_counts` of the op's inputs."""
+    ``-inf`` (only possible when ``masked``) outputs 0. ``heads``: :func:`_head_counts` of the op's inputs,
+    ``dtype`` the dtype of its q (merged values built in the trace carry none)."""
     heads, kv_heads = heads
     if opset >= ATTENTION_OPSET:
-        out = _attend_op23(q, k, v, bias, rows, scale)
+        out = _attend_op23(q, k, v, bias, rows, scale, dtype)
     else:
         out = _attend_decomposed(q, k, v, bias, heads, kv_heads, scale, guard=masked)
     if masked:
@@ -522,13 +524,17 @@ def _attend(
     return out
 
 
-def _attend_op23(q: Value, k: Value, v: Value, bias: Value, rows: Value, scale: float) -> Value:
+def _attend_op23(q: Value, k: Value, v: Value, bias: Value, rows: Value, scale: float, dtype: ir.DataType | None) -> Value:
     """One ``Attention`` node with the bias as its additive mask (4-D inputs: GQA from the shapes).
 
     onnxruntime wants the mask's query axis at full length, so the bias is
-    expanded over it (a (B, 1, 1, M) bias to (B, 1, rows, M)).
+    expanded over it (a (B, 1, 1, M) bias to (B, 1, rows, M)). A bias row that a
+    ``finfo.min`` mask absorbed (its merged keys' log-sum-exps round back to
+    ``finfo.min`` in fp32) attends evenly over the merged keys, as SDPA does in
+    the op, once moved off onnxruntime's sentinel (:func:`lowest_off_sentinel`).
     """
-    mask = op.CastLike(op.Expand(bias, op.Concat(ints(1, 1), rows, ints(1), axis=0)), q)
+    mask = lowest_off_sentinel(op.CastLike(bias, q), dtype)
+    mask = op.Expand(mask, op.Concat(ints(1, 1), rows, ints(1), axis=0))
     y, _, _, _ = op23.Attention(q, k, v, mask, scale=scale)
     return y
 

@@ -22,7 +22,8 @@ So a dynamic sequence length works, and the biggest tensor is
 q_len == kv_len == S; causal: query ``i`` sees ``i - window < j <= i``;
 bidirectional: ``|i - j| <= window // 2``; both also see keys ``j < sinks``
 (causal: still ``j <= i``); the mask applies on top; a query that sees no
-key outputs zeros. ``topk > 0`` (run-time chosen blocks) is not exported.
+key outputs zeros, and one whose visible keys an additive ``finfo.min`` hides
+all (padded query rows) attends evenly over them, as the op does in PyTorch. ``topk > 0`` (run-time chosen blocks) is not exported.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from attnrw.export._graph import (
     const,
     dim,
     ints,
+    lowest_off_sentinel,
     masked_softmax,
     neg_inf_like,
     rank,
@@ -264,7 +266,8 @@ def _chunks_through_attention_op(
         if is_bool:
             mask = op.And(band.visible, gathered)
         else:
-            mask = op.Where(band.visible, op.CastLike(gathered, q), neg_inf_like(q))
+            # finfo.min entries off onnxruntime's sentinel: rows masked only by them attend evenly, as in PyTorch.
+            mask = op.Where(band.visible, lowest_off_sentinel(op.CastLike(gathered, q), q.dtype), neg_inf_like(q))
         mask = op.Transpose(mask, perm=[0, 2, 1, 3, 4])  # (mb, nb, mh, C, K)
     # The batch axis of the node is (batch, chunk) flattened: the mask needs both.
     mask = op.Expand(mask, op.Concat(batch, ints(1, 1, 1, 1), axis=0))

@@ -165,7 +165,7 @@ def tokens_attention_graph(
     on_step = _Plan(index=step, sizes=new_sizes, m=m, batch=batch)
     weights = None if fresh else sizes
     qm, km, vm = (_merge_tokens(x, on_step, weights) for x in (q, k, v))
-    out = _attend(qm, km, vm, bias, m, float(scale), madd is not None, opset, heads)
+    out = _attend(qm, km, vm, bias, m, float(scale), madd is not None, opset, heads, q.dtype)
     return out, step, new_index, new_sizes
 
 
