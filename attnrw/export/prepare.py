@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+import attnrw.opargs as opargs
+
 aten = torch.ops.aten
 
 
@@ -30,7 +32,8 @@ def broadcast_copies(program: torch.export.ExportedProgram) -> int:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.copy.default:
             continue
-        dst, src = node.args[:2]
+        bound = opargs.bind(node)
+        dst, src = bound["self"], bound["src"]
         dv = dst.meta.get("val") if isinstance(dst, Node) else None
         sv = src.meta.get("val") if isinstance(src, Node) else None
         if not isinstance(dv, torch.Tensor) or not isinstance(sv, torch.Tensor) or tuple(sv.shape) == tuple(dv.shape):
@@ -46,7 +49,7 @@ def broadcast_copies(program: torch.export.ExportedProgram) -> int:
                     sizes.append(size)
             expanded = graph.call_function(aten.expand.default, (src, sizes))
             expanded.meta = {**src.meta, "val": sv.expand(dv.shape)}
-        node.args = (dst, expanded, *node.args[2:])
+        node.args, node.kwargs = opargs.call_args(aten.copy.default, {**bound, "src": expanded})
         changed += 1
     if changed:
         graph.lint()
