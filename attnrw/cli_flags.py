@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import contextlib
+import functools
 import json
 import pprint
 import re
@@ -277,10 +278,19 @@ def field_spec(info: FieldInfo) -> FieldSpec:
 
 
 def policy_spec(builtin_only: bool = False) -> PolicySpec:
-    """The fields of every registered policy (only attnrw's own with ``builtin_only``), as flags see them."""
+    """The fields of every registered policy (only attnrw's own with ``builtin_only``), as flags see them.
+
+    Built once per set of registered classes (reading the field docstrings parses each
+    class's source); the result is shared: do not modify it.
+    """
+    return _policy_spec(tuple(registry().items()), builtin_only)
+
+
+@functools.lru_cache(maxsize=8)
+def _policy_spec(policies: tuple[tuple[str, type[Policy]], ...], builtin_only: bool) -> PolicySpec:
     return {
         name: [field_spec(info) for info in policy_fields(cls)]
-        for name, cls in registry().items()
+        for name, cls in policies
         if not builtin_only or cls.__module__.startswith("attnrw.")
     }
 

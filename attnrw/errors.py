@@ -6,32 +6,5 @@ The classes are defined in :mod:`attnrw_cli.errors` (torch-free, so that the
 
 from __future__ import annotations
 
-from attnrw_cli.errors import (
-    AttnrwError,
-    ConfigError,
-    DynamicShapeError,
-    ImplementationUnavailableError,
-    ModelSpecError,
-    OutputExistsError,
-    OutputFolderError,
-    OutputIsFolderError,
-    OutputNotWritableError,
-    OutputPathError,
-    PlanError,
-    VerificationError,
-)
-
-__all__ = [
-    "AttnrwError",
-    "ConfigError",
-    "DynamicShapeError",
-    "ImplementationUnavailableError",
-    "ModelSpecError",
-    "OutputExistsError",
-    "OutputFolderError",
-    "OutputIsFolderError",
-    "OutputNotWritableError",
-    "OutputPathError",
-    "PlanError",
-    "VerificationError",
-]
+from attnrw_cli.errors import *  # noqa: F403  (the list is attnrw_cli.errors.__all__)
+from attnrw_cli.errors import __all__  # noqa: F401

@@ -53,3 +53,19 @@ class OutputIsFolderError(OutputPathError, IsADirectoryError):
 
 class OutputNotWritableError(OutputPathError, PermissionError):
     """The folder the output file should go in exists but cannot be written in."""
+
+
+__all__ = [
+    "AttnrwError",
+    "ConfigError",
+    "DynamicShapeError",
+    "ImplementationUnavailableError",
+    "ModelSpecError",
+    "OutputExistsError",
+    "OutputFolderError",
+    "OutputIsFolderError",
+    "OutputNotWritableError",
+    "OutputPathError",
+    "PlanError",
+    "VerificationError",
+]

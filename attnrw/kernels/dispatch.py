@@ -44,10 +44,19 @@ def check_impl(impl: str, op: str) -> None:
     check_choice(op, "impl", impl, IMPLS)
 
 
-def choose(impl: str, device: torch.device, *, op: str, torch_fn: F, module: str, attr: str, kernel: str) -> F:
-    """The function ``impl`` names for tensors on ``device``: ``torch_fn`` or ``module.attr``."""
+def choose(impl: str, device: torch.device, *, op: str, torch_fn: F, module: str, attr: str, kernel: str,
+           lacks: str | None = None) -> F:
+    """The function ``impl`` names for tensors on ``device``: ``torch_fn`` or ``module.attr``.
+
+    ``lacks``: what this call needs that the Triton kernel does not do (e.g. "softcap the
+    scores"): ``"auto"`` then takes ``torch_fn`` and an explicit ``"triton"`` is refused.
+    """
     check_impl(impl, op)
-    if impl == "torch":
+    if lacks is not None and impl == "triton":
+        raise ImplementationUnavailableError(
+            f"{op}: the Triton kernel does not {lacks}; use impl='torch' or impl='auto'"
+        )
+    if impl == "torch" or lacks is not None:
         return torch_fn
     why = triton_blocker(device, module, kernel)
     if impl == "triton" and why is not None:

@@ -549,7 +549,6 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
         output=out,
         interior=interior,
         anchor=sm,
-        softcap=float(softcap),
     )
 
 

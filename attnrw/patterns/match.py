@@ -40,8 +40,7 @@ class Match:
     ``q``, ``k``, ``v`` and ``mask`` are expressions (see :mod:`attnrw.patterns.expr`)
     in the canonical layout. ``replace`` is the node whose uses take
     ``output`` (an expression over ``expr.RESULT``, the op's (B, H, Sq, Dv)
-    output). ``interior`` holds the nodes the rewrite makes dead. ``softcap``
-    is the op's argument of that name (0: the scores are not capped).
+    output). ``interior`` holds the nodes the rewrite makes dead.
     """
 
     site: AttentionSite
@@ -55,7 +54,11 @@ class Match:
     output: Any
     interior: set[Node] = field(default_factory=set)
     anchor: Node | None = None
-    softcap: float = 0.0
+
+    @property
+    def softcap(self) -> float:
+        """The op's ``softcap`` argument: the site's (0: the scores are not capped)."""
+        return self.site.softcap
 
 
 def peel_to_shape(node: Any, target: tuple) -> Any:

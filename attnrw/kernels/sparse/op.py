@@ -18,17 +18,20 @@ from typing import Callable
 
 import torch
 
-from attnrw.errors import ImplementationUnavailableError
 from attnrw.kernels.common.autograd import register_backward
 from attnrw.kernels.dispatch import check_impl, choose
 from attnrw.kernels.sparse.layout import check_inputs
 from attnrw.kernels.sparse.reference import sparse_attention_grads, sparse_attention_torch
 
 
-def resolve_impl(impl: str, device: torch.device) -> Callable[..., torch.Tensor]:
-    """The forward function ``impl`` names for tensors on ``device`` (rule in :mod:`attnrw.kernels.dispatch`)."""
+def resolve_impl(impl: str, device: torch.device, softcap: float = 0.0) -> Callable[..., torch.Tensor]:
+    """The forward function ``impl`` names for tensors on ``device`` (rule in :mod:`attnrw.kernels.dispatch`).
+
+    A softcap is the PyTorch path's alone (the Triton kernel has no cap).
+    """
     return choose(impl, device, op="sparse_attention", torch_fn=sparse_attention_torch,
-                  module="attnrw.kernels.sparse.triton", attr="sparse_attention_triton", kernel="sparse-attention")
+                  module="attnrw.kernels.sparse.triton", attr="sparse_attention_triton", kernel="sparse-attention",
+                  lacks="softcap the scores" if softcap else None)
 
 
 @torch.library.custom_op("attnrw::sparse_attention", mutates_args=())
@@ -51,19 +54,9 @@ def sparse_attention(
     q (batch, heads, S, D), k (batch, kv_heads, S, D), v (batch, kv_heads, S, Dv) -> (batch, heads, S, Dv).
     ``softcap`` > 0 caps the scores before the window (PyTorch path only: the Triton kernel has no cap).
     """
-    if softcap:
-        _check_softcap_impl(impl)
-        return sparse_attention_torch(q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size,
-                                      softcap).contiguous()
-    fn = resolve_impl(impl, q.device)
-    return fn(q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size).contiguous()
-
-
-def _check_softcap_impl(impl: str) -> None:
-    if impl == "triton":
-        raise ImplementationUnavailableError(
-            "sparse_attention: the Triton kernel does not softcap the scores; use impl='torch' or impl='auto'"
-        )
+    fn = resolve_impl(impl, q.device, softcap)
+    capped = {"softcap": softcap} if softcap else {}  # only the PyTorch path takes it
+    return fn(q, k, v, attn_mask, is_causal, scale, window, sinks, topk, block_size, **capped).contiguous()
 
 
 @sparse_attention.register_fake
@@ -71,7 +64,7 @@ def _sparse_attention_fake(q, k, v, attn_mask, is_causal, scale, window, sinks, 
     check_inputs(q, k, v, attn_mask, window, sinks, topk, block_size)
     check_impl(impl, "sparse_attention")
     if softcap:
-        _check_softcap_impl(impl)
+        resolve_impl(impl, q.device, softcap)  # refuses impl="triton" with a cap, as the real call does
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
