@@ -17,21 +17,10 @@ import torch
 from torch.fx import GraphModule, Node
 
 from attnrw.patterns.graph import ancestors as _ancestors
-from attnrw.patterns.graph import aten, hint, is_cast, is_order_preserving, same, shape, tensor_val, view_groups
+from attnrw.patterns.graph import aten, hint, same, shape, view_groups
+from attnrw.patterns.tokens import Loc, token_inputs
 
 log = logging.getLogger("attnrw.patterns")
-
-# Ops through which a tensor stays "the same tokens": a query and a key that
-# reach a common node through these alone are one aligned sequence.
-_POINTWISE_PREFIXES = (
-    "add", "sub", "mul", "div", "neg", "rsqrt", "sqrt", "pow", "exp", "tanh", "gelu", "silu", "relu",
-    "sigmoid", "cos", "sin", "where", "erf", "clamp", "abs", "masked_fill", "cat", "split", "slice",
-    "select", "expand", "permute", "transpose", "t", "view", "reshape", "_unsafe_view", "clone",
-    "unsqueeze", "squeeze", "flatten", "unflatten", "alias", "detach", "_to_copy", "convert_element_type",
-    "contiguous", "native_layer_norm", "layer_norm", "mean", "var", "var_mean", "sum", "rms_norm",
-    "_fused_rms_norm", "lift_fresh_copy", "getitem", "split_with_sizes", "chunk", "unbind", "rsub",
-)
-_PROJECTIONS = {aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default, aten.linear.default}
 
 _MAX_EVAL_NODES = 2000
 
@@ -59,7 +48,8 @@ class MatchContext:
         self._order: dict[Node, int] | None = None
         self._failed: set[Node] = set()
         self._static: dict[Node, bool] = {}
-        self._roots: dict[Node, frozenset[Node]] = {}
+        self._roots: dict[tuple[Node, Loc], frozenset[tuple[Node, Loc]]] = {}
+        self._token_steps: dict[tuple[Node, Loc], list | None] = {}
 
     def for_copy(self, gm: GraphModule) -> MatchContext:
         """The same knowledge for a copy of the graph (placeholders matched by position)."""
@@ -185,29 +175,38 @@ class MatchContext:
         self._constant[node] = ok
         return ok
 
-    def token_roots(self, node: Node) -> frozenset[Node]:
-        """The nodes a tensor comes from through token-wise ops only (projections, norms, pointwise, views).
+    def token_roots(self, node: Node, loc: Loc) -> frozenset[tuple[Node, Loc]]:
+        """Where the tokens at ``loc`` in ``node`` come from, through ops token-wise along them.
 
-        Two tensors with a common root are built from the same tokens; a query
-        and a key without one (cross-attention, spatially reduced keys) are
-        not one aligned sequence.
+        Each root is a node and where the same tokens lie in it (see
+        :mod:`attnrw.patterns.tokens`). Two tensors with a common root are
+        built position for position from the same tokens; a query and a key
+        without one (cross-attention, spatially reduced keys, a convolution
+        that mixes positions on one side only) are not proven one aligned
+        sequence.
         """
-        order = post_order(node, lambda n: n in self._roots, self._token_inputs, limit=None)
-        for n in order or ():
-            ins = self._token_inputs(n)
-            self._roots[n] = frozenset().union(*(self._roots[i] for i in ins)) if ins else frozenset((n,))
-        return self._roots[node]
-
-    def _token_inputs(self, n: Node) -> list[Node]:
-        if n.op != "call_function":
-            return []
-        if n.target in _PROJECTIONS:
-            acts = [i for i in n.all_input_nodes if not self.is_static(i)]
-            return acts if len(acts) == 1 else []
-        name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
-        if is_order_preserving(n) or is_cast(n) or name in _POINTWISE_PREFIXES:
-            return [i for i in n.all_input_nodes if not self.is_static(i) and _is_tensor_like(i)]
-        return []
+        todo: list[tuple[tuple[Node, Loc], bool]] = [((node, loc), False)]
+        pending: set[tuple[Node, Loc]] = set()
+        while todo:
+            state, done = todo.pop()
+            if state in self._roots:
+                continue
+            ins = self._token_steps.get(state)
+            if ins is None and state not in self._token_steps:
+                ins = token_inputs(state[0], state[1], self.is_static)
+                self._token_steps[state] = ins
+            if ins is None:
+                self._roots[state] = frozenset((state,))
+                continue
+            if done:
+                self._roots[state] = frozenset().union(*(self._roots.get(i, frozenset()) for i in ins))
+                continue
+            if state in pending:
+                continue  # (graphs are acyclic: only reached again through another path)
+            pending.add(state)
+            todo.append((state, True))
+            todo.extend((i, False) for i in ins if i not in self._roots)
+        return self._roots[(node, loc)]
 
 
 def post_order(
@@ -278,14 +277,6 @@ def is_shape_value(n: Node) -> bool:
         known = backed_values(v)
         return all(s in known for s in v.node.expr.free_symbols)
     return isinstance(v, int) and not isinstance(v, bool) and n.op != "placeholder"
-
-
-def _is_tensor_like(node: Node) -> bool:
-    """A tensor, or a tuple of tensors (``split`` before its ``getitem``)."""
-    v = node.meta.get("val", node.meta.get("example_value"))
-    if isinstance(v, (list, tuple)):
-        return any(isinstance(x, torch.Tensor) for x in v)
-    return tensor_val(node) is not None
 
 
 def backed_values(v: Any) -> Mapping:

@@ -15,6 +15,7 @@ import torch
 from torch.fx import Node
 
 from attnrw.patterns import expr as E
+from attnrw.patterns import tokens
 from attnrw.patterns.graph import (
     aten,
     is_order_preserving,
@@ -145,20 +146,31 @@ def dtype_of(node: Any) -> torch.dtype | None:
     return t.dtype if t is not None else None
 
 
+def token_locations(q: Any, k: Any, rows: Any, cols: Any) -> tuple[Any, Any]:
+    """The nodes the query axis of ``q`` and the key axis of ``k`` are read from, with where they lie.
+
+    ``q`` and ``k`` are the canonical expressions, (…, S, D); the axis is
+    followed through the expression (a transpose of pre-transposed keys, a
+    reshape of folded heads) rather than guessed from sizes, which coincide
+    when the head size equals the length.
+    """
+    return tokens.locate(q, -2, rows), tokens.locate(k, -2, cols)
+
+
 def attended_axis(q: Any, k: Any, rows: Any, cols: Any, ctx: MatchContext) -> str:
     """What the scores' query and key axes are made of: ``"tokens"``, ``"features"`` or ``"unknown"``.
 
     ``"features"`` when either axis is provably a projection's output
     channels (channel attention); ``"tokens"`` when both are provably not.
     """
-    answers = []
-    for x, n in ((q, rows), (k, cols)):
-        nodes = E.nodes_in(x)
-        s = shape(nodes[0]) if nodes else None
-        if s is None or len(s) < 2 or not same(s[-2], n):
+    answers: list[bool | None] = []
+    for found in token_locations(q, k, rows, cols):
+        axes = None if found is None else tokens.token_axes(*found)
+        if not axes:
             answers.append(None)
             continue
-        answers.append(feature_axis(nodes[0], len(s) - 2, ctx))
+        each = [feature_axis(found[0], a, ctx) for a in axes]
+        answers.append(True if True in each else False if all(x is False for x in each) else None)
     if any(a is True for a in answers):
         return "features"
     return "tokens" if all(a is False for a in answers) else "unknown"
@@ -169,15 +181,18 @@ def aligned(q: Any, k: Any, rows: Any, cols: Any, ctx: MatchContext, causal: boo
 
     A causal site with square scores is aligned by its own definition: query
     i may see keys up to i, so query i and key i are one position (whatever
-    tensors they came from). A bidirectional site needs the proof that q and
-    k are built from the same tokens. Neither holds when the attended axis
-    is made of features.
+    tensors they came from). A bidirectional site needs the proof that query
+    i and key i are position i of one tensor: the query and key axes, walked
+    back through ops token-wise along them (:mod:`attnrw.patterns.tokens`:
+    projections, 1×1 convolutions, norms, pointwise ops, broadcasts, views
+    and permutes that move the axis), reach a common tensor at the same
+    place. Neither holds when the attended axis is made of features.
     """
     if axis == "features" or not same(rows, cols):
         return False
     if causal:
         return True
-    qn, kn = E.nodes_in(q), E.nodes_in(k)
-    if not qn or not kn:
+    qloc, kloc = token_locations(q, k, rows, cols)
+    if qloc is None or kloc is None:
         return False
-    return bool(ctx.token_roots(qn[0]) & ctx.token_roots(kn[0]))
+    return bool(ctx.token_roots(*qloc) & ctx.token_roots(*kloc))

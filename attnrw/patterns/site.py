@@ -23,7 +23,9 @@ class AttentionSite:
     ``causal+padding``, ``causal+bias``, ``padding``, ``bias``, ``bool``,
     ``additive``. ``self_attention`` is True when queries and keys are one
     aligned sequence, position for position: square scores that are causal
-    (query i sees keys up to i), or q and k built from the same tokens.
+    (query i sees keys up to i), or query i and key i proven to be position
+    i of one tensor through ops token-wise along the token axis (see
+    :mod:`attnrw.patterns.tokens`).
     ``attended_axis`` says what the query and key axes of the scores are
     made of: ``"tokens"``, ``"features"`` (channel attention: the scores
     are channels × channels; never aligned) or ``"unknown"`` (the trail
