@@ -156,3 +156,21 @@ def test_rounding_within_factor_of_the_plain_export_is_accepted(tmp_path, caplog
     assert path.exists()
     assert f"within {PLAIN_ERROR_FACTOR:g}x a plain export's own error, accepted" in caplog.text
     assert "a plain torch.onnx.export of the unmodified model is off by" in caplog.text
+
+
+def bf16_factory():
+    """``MODEL`` for the CLI test: ``tests.export.test_onnx_exporter_limits:bf16_factory``."""
+    torch.manual_seed(0)
+    return Bf16SlopesAttention().eval(), (_x(),)
+
+
+def test_cli_export_reports_the_exporter_limit(tmp_path, capsys):
+    """``attnrw export``: one line naming the limit, exit status 1 (a failure, not a usage error), no file."""
+    from attnrw.cli import main
+
+    out = tmp_path / "m.onnx"
+    code = main(["export", "tests.export.test_onnx_exporter_limits:bf16_factory", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith("attnrw: export failed: the limit is the exporter's or onnxruntime's (Mul(14))")
+    assert len(err.splitlines()) == 1 and not out.exists()
