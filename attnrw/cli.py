@@ -65,7 +65,14 @@ from torch.utils import _pytree as pytree
 import attnrw
 from attnrw import cli_bench
 from attnrw.cli_flags import CALLABLE_SPEC, import_callable, policy_from_flags, policy_spec
-from attnrw.errors import AttnrwError, ConfigError, DynamicShapeError, ModelSpecError, VerificationError
+from attnrw.errors import (
+    AttnrwError,
+    ConfigError,
+    DynamicShapeError,
+    ExporterLimitError,
+    ModelSpecError,
+    VerificationError,
+)
 from attnrw.files import CLI_HINT, check_output, write_atomically
 from attnrw.rewriter.trace import PYTREE_DEPRECATION
 from attnrw.shapes import dynamic_seq_errors, dynamic_seq_shapes
@@ -595,6 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return COMMANDS[ns.command](ns)
     except VerificationError as e:
         print(f"attnrw: verification failed: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    except ExporterLimitError as e:  # not a usage error: the model needs what the exporter cannot give
+        print(f"attnrw: {ns.command} failed: {_one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except (AttnrwError, ConfigError) as e:
         print(f"attnrw: error: {_one_line(e)}", file=sys.stderr)

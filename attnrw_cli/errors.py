@@ -27,6 +27,20 @@ class VerificationError(AttnrwError, AssertionError):
     """A rewritten or exported model does not match the reference within tolerance."""
 
 
+class ExporterLimitError(AttnrwError, RuntimeError):
+    """The export failed where a plain ``torch.onnx.export`` of the unmodified model fails too.
+
+    The limit is the PyTorch ONNX exporter's or onnxruntime's (an op or dtype
+    without a translation or a CPU kernel), not attnrw's. ``op`` names the
+    failing op when the message had it; ``stage`` is where attnrw's export
+    failed (``"export"``, ``"load"`` or ``"run"``).
+    """
+
+    def __init__(self, message: str, op: str | None = None, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.op, self.stage = op, stage
+
+
 class PlanError(AttnrwError, ValueError):
     """A saved plan does not fit the model it is applied to."""
 
@@ -59,6 +73,7 @@ __all__ = [
     "AttnrwError",
     "ConfigError",
     "DynamicShapeError",
+    "ExporterLimitError",
     "ImplementationUnavailableError",
     "ModelSpecError",
     "OutputExistsError",

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from attnrw.errors import AttnrwError, ConfigError
 from attnrw.files import check_output, write_atomically
 from attnrw.policies import Dense
 from attnrw.shapes import dynamic_seq_errors, dynamic_seq_shapes
+from attnrw.export.plain import baseline_comparisons, diagnose, stage_of_runtime_error
 from attnrw.export.prepare import broadcast_copies
 from attnrw.export.registry import check_translatable, translation_table
 from attnrw.export.verify import verify_file
@@ -172,12 +174,27 @@ def to_onnx(
         verify: run the file in onnxruntime (CPU) on the example inputs and
             compare with the program in PyTorch; raise
             :class:`~attnrw.errors.VerificationError` beyond ``atol``
-            (default 1e-4 for fp32, see ``verify.DEFAULT_ATOL``).
+            (default 1e-4 for fp32, see ``verify.DEFAULT_ATOL``). For a
+            module, a failing output's error is stated against a plain
+            ``torch.onnx.export`` of the unmodified model's own error against
+            eager on the same inputs, and accepted within
+            ``verify.PLAIN_ERROR_FACTOR`` (4) times it: that much is the
+            exporter's and onnxruntime's rounding, which attnrw shares.
         force: overwrite an existing file instead of raising
             :class:`~attnrw.errors.OutputExistsError`.
         dynamic_shapes: explicit ``torch.export`` dynamic shapes for a module
             (instead of ``dynamic_seq``).
         external_data: store weights in ``<path>.data``; ``None``: only past 2 GB.
+
+    Raises:
+        ExporterLimitError: the export, or onnxruntime loading or running the
+            file, failed outside attnrw's translations, and a plain
+            ``torch.onnx.export`` (``dynamo=True``, same opset) of the
+            unmodified module fails too: the limit is the exporter's or
+            onnxruntime's; the message names the op. When the plain export
+            works, or the failing node is an attnrw translation's, the
+            original error is raised with a note that it is attnrw's. The
+            plain export is made only when something failed.
 
     Returns:
         The path written. Nothing is written if any step fails: the files are
@@ -210,13 +227,43 @@ def to_onnx(
     else:
         raise TypeError(f"to_onnx takes an nn.Module or an ExportedProgram, got {type(model_or_program).__name__}")
 
-    onnx_program = export_program(program, args, kwargs, opset)
+    module = model_or_program if isinstance(model_or_program, torch.nn.Module) else None
+
+    def failed(e: Exception, stage: str, staged: Path | None = None) -> BaseException:
+        # Only on failure: a plain export of the unmodified model tells attnrw's failures from the exporter's.
+        with tempfile.TemporaryDirectory(prefix="attnrw-plain-") as tmp:
+            return diagnose(e, stage, module, args, kwargs, opset, dynamic_shapes, Path(tmp), staged)
+
+    try:
+        onnx_program = export_program(program, args, kwargs, opset)
+    except AttnrwError:
+        raise
+    except Exception as e:
+        err = failed(e, "export")
+        if err is e:
+            raise
+        raise err from e
+
+    def baseline() -> list[Any] | str:
+        if module is None:
+            return "no plain export to compare with: to_onnx was given a program, not the unmodified model"
+        with tempfile.TemporaryDirectory(prefix="attnrw-plain-") as tmp:
+            return baseline_comparisons(module, args, kwargs, opset, dynamic_shapes, Path(tmp), atol)
 
     def write(folder: Path) -> None:
         staged = folder / path.name
         onnx_program.save(staged, external_data=external_data)
-        if verify:
-            verify_file(staged, program, args, kwargs, atol)
+        if not verify:
+            return
+        try:
+            verify_file(staged, program, args, kwargs, atol, baseline=baseline)
+        except AttnrwError:
+            raise
+        except Exception as e:  # onnxruntime could not load or run the file
+            err = failed(e, stage_of_runtime_error(e), staged)
+            if err is e:
+                raise
+            raise err from e
 
     write_atomically(path, write, force)
     logger.info("wrote %s (opset %d)", path, opset)

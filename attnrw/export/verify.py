@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,18 @@ from attnrw.errors import VerificationError
 from attnrw.metrics import relative_l2
 
 logger = logging.getLogger("attnrw.export")
+
+#: On a verification failure attnrw's export is still accepted where its error
+#: is at most this many times a plain ``torch.onnx.export`` of the unmodified
+#: model's own error on the same output and inputs (:mod:`attnrw.export.plain`):
+#: then the error is the exporter's and onnxruntime's rounding, which attnrw
+#: shares, not a translation's. Two fp32 computations of one model that differ
+#: only in summation order (the fused ``Attention`` kernel vs the exporter's
+#: ops, another association in a reduction) have max errors within a small
+#: factor of each other; 4 leaves room for that while a wrong translation (a
+#: dropped bias, a misread mask) is off by orders of magnitude more (1.35 vs
+#: ~1e-6 on DeBERTa's padded rows).
+PLAIN_ERROR_FACTOR = 4.0
 
 #: Default absolute tolerance by output dtype. fp32: the bound of the export
 #: contract (kernels and onnxruntime differ by summation order only, ~1e-7
@@ -136,11 +148,20 @@ def verify_file(
     args: tuple,
     kwargs: dict | None,
     atol: float | None = None,
+    baseline: Callable[[], list[Comparison] | str] | None = None,
 ) -> list[Comparison]:
     """Run ``path`` in onnxruntime and the program in PyTorch on the same inputs.
 
     Raises :class:`~attnrw.errors.VerificationError` naming the max abs and
     max rel error of every output beyond tolerance (fp32 default 1e-4 abs).
+
+    ``baseline`` is called only when some output is beyond tolerance: it
+    returns a plain export's own errors against the eager model on the same
+    inputs, one per output (or a sentence saying why there are none). Each
+    failing output's error is then stated against the plain export's, and
+    the file is accepted when every failing output is within
+    :data:`PLAIN_ERROR_FACTOR` times the plain export's error on it (the
+    error is the exporter's and onnxruntime's own, see there).
     """
     expected = reference_outputs(program, args, kwargs)
     actual = onnxruntime_outputs(path, flat_user_inputs(program, args, kwargs))
@@ -150,15 +171,40 @@ def verify_file(
             "verify %s: max abs error %.3g, max rel error %.3g, relative L2 %.3g (atol %.3g)",
             r.name, r.max_abs, r.max_rel, r.rel_l2, r.atol,
         )
-    bad = [r for r in results if not r.ok]
-    if bad:
-        lines = "; ".join(
-            f"{r.name}: max abs error {r.max_abs:.3g} > atol {r.atol:.3g} "
-            f"(max rel error {r.max_rel:.3g}, relative L2 {r.rel_l2:.3g})"
-            for r in bad
-        )
-        raise VerificationError(
-            f"the ONNX model does not match PyTorch in onnxruntime: {lines}. No file was written. "
-            "Report this with the model; to write the file anyway pass verify=False."
-        )
-    return results
+    bad = [i for i, r in enumerate(results) if not r.ok]
+    if not bad:
+        return results
+    failing = {
+        i: f"{results[i].name}: max abs error {results[i].max_abs:.3g} > atol {results[i].atol:.3g} "
+           f"(max rel error {results[i].max_rel:.3g}, relative L2 {results[i].rel_l2:.3g})"
+        for i in bad
+    }
+    plain = baseline() if baseline is not None else "no plain export to compare with: verify_file was given no baseline"
+    tail = ""
+    if isinstance(plain, str):
+        tail = f" ({plain}, so there is no baseline to state the error against)"
+    elif len(plain) != len(results):
+        tail = f" (a plain export returns {len(plain)} outputs, attnrw's {len(results)}: no baseline)"
+    else:
+        for i in bad:
+            failing[i] += (
+                f"; a plain torch.onnx.export of the unmodified model is off by {plain[i].max_abs:.3g} here "
+                f"({_ratio(results[i].max_abs, plain[i].max_abs)})"
+            )
+        if all(results[i].max_abs <= PLAIN_ERROR_FACTOR * plain[i].max_abs for i in bad):
+            logger.warning(
+                "verify: beyond atol but within %gx a plain export's own error, accepted: %s",
+                PLAIN_ERROR_FACTOR, " | ".join(failing.values()),
+            )
+            return results
+        tail = f" (accepted only within {PLAIN_ERROR_FACTOR:g}x the plain export's error)"
+    raise VerificationError(
+        f"the ONNX model does not match PyTorch in onnxruntime: {' | '.join(failing.values())}{tail}. "
+        "No file was written. Report this with the model; to write the file anyway pass verify=False."
+    )
+
+
+def _ratio(ours: float, plain: float) -> str:
+    if plain == 0:
+        return "the plain export is exact"
+    return f"{ours / plain:.3g}x that"
