@@ -245,7 +245,12 @@ def diagnose(
     if in_attnrw:
         return _noted(exc, f"{where.replace(' in the model', '')}, so this failure is attnrw's, although a plain "
                            f"export fails too, elsewhere: {plain.failure.text()}")
-    same = ours.op is not None and ours.op == plain.failure.op and ours.stage == plain.failure.stage
+    # The same op at the same stage; or, where neither message names an op (the exporter's decomposition
+    # step), the same message at the same stage: the plain export hit the very error attnrw's did.
+    same = ours.stage == plain.failure.stage and (
+        ours.op == plain.failure.op if ours.op is not None else plain.failure.op is None
+        and ours.message == plain.failure.message
+    )
     if in_attnrw is None and not same:
         return _noted(exc, f"a plain torch.onnx.export of the unmodified model fails too, but differently "
                            f"({plain.failure.text()}), and the failing node could not be traced to its source: "
