@@ -74,6 +74,7 @@ from attnrw.patterns.match import (
     from_canonical_bh,
     peel_repeat_kv,
     peel_to_shape,
+    peel_transposed,
 )
 from attnrw.patterns.site import AttentionSite
 
@@ -106,10 +107,70 @@ def _runtime_scalar(x: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point()
 
 
+def _product_behind_layout(node: Node, rows: Any, cols: Any, depth: int = 12) -> tuple[Node, bool, set[Node]] | None:
+    """The product whose axes ``node`` (a permute/transpose) shows as scores: ``(product, transposed, chain)``.
+
+    Walks back through layout ops only (views, permutes, transposes) to a
+    product and composes the chain forward with :mod:`attnrw.patterns.layout`.
+    The scores' batch axes must hold the product's in order; their (query,
+    key) axes its matrix axes as they are (``transposed`` False: the chain
+    only moved size-1 or batch axes and put them back) or swapped
+    (``transposed`` True: the product is K·Qᵀ, the scores its transpose, as
+    ``einsum("bhqd,bhkd->bhkq")`` then ``permute(0, 1, 3, 2)`` writes them).
+    None if the chain is anything else, or the query or key axis has size 1
+    (then the two cannot be told apart by their axes).
+    """
+    chain: list[Node] = []
+    cur: Any = node
+    while isinstance(cur, Node) and cur.target not in PRODUCTS:
+        if len(chain) == depth or not (cur.target in layout.AXIS_MOVES or is_order_preserving(cur) or is_cast(cur)):
+            return None
+        chain.append(cur)
+        cur = cur.args[0]
+    if not isinstance(cur, Node) or cur.target is aten.baddbmm.default or same(rows, 1) or same(cols, 1):
+        return None
+    ps, out = shape(cur), shape(node)
+    if ps is None or out is None or len(ps) < 2 or len(out) < 2 or not same(numel(ps[:-2]), numel(out[:-2])):
+        return None
+    # The product's batch (heads folded into it by einsum's bmm) seen as the scores' batch axes: the
+    # same elements in the same order, so the chain composes from there without splitting an axis.
+    ps = (*out[:-2], *ps[-2:])
+    groups = layout.source_groups(ps)
+    try:
+        for n in reversed(chain):
+            groups = layout.step(n, groups, ps)
+    except layout.Lost:
+        return None
+    r = len(ps)
+    if len(groups) < 2 or layout.labels(groups[:-2]) != layout.labels(layout.source_groups(ps[:-2])):
+        return None
+    matrix = (groups[-2], groups[-1])
+    if matrix == ((r - 2,), (r - 1,)):
+        return cur, False, set(chain)
+    if matrix == ((r - 1,), (r - 2,)):
+        return cur, True, set(chain)
+    return None
+
+
+def _moves_product_axes(node: Any, depth: int = 12) -> bool:
+    """Whether ``node`` is a product moved by permutes and views (what :func:`_product_behind_layout` refused)."""
+    for _ in range(depth):
+        if not isinstance(node, Node):
+            return False
+        if node.target in PRODUCTS:
+            return True
+        if not (node.target in layout.AXIS_MOVES or is_order_preserving(node)):
+            return False
+        node = node.args[0]
+    return False
+
+
 def _reaches_product(node: Any, rows: Any, cols: Any, depth: int = 24) -> bool:
     """Whether ``node`` is scores: a product with (rows, cols) trailing dims, through score-chain ops."""
     if not isinstance(node, Node) or depth == 0:
         return False
+    if node.target in layout.AXIS_MOVES and _product_behind_layout(node, rows, cols) is not None:
+        return True
     if is_order_preserving(node) or is_cast(node):
         # Views may pass through frames with other trailing axes (einsum
         # unsqueezes and permutes size-1 axes); the row-major order is kept.
@@ -147,6 +208,8 @@ class _ScoreChain:
         # The factor outside a softcap's tanh (``c · tanh(x)``), once the walk passed one;
         # self.scale then counts the factors inside it.
         self.softcap: float | None = None
+        # The product found is K·Qᵀ and the scores its transpose (see _product_behind_layout).
+        self.transposed = False
 
     def walk(self, x: Node) -> Node:
         cur: Any = x
@@ -158,6 +221,12 @@ class _ScoreChain:
                 if s is None or not (same(s[-2], self.rows) and same(s[-1], self.cols)):
                     raise NoMatch("the scores are reshaped across the query and key axes before the softmax")
                 return cur
+            if cur.target in layout.AXIS_MOVES:
+                found = _product_behind_layout(cur, self.rows, self.cols)
+                if found is not None:
+                    product, self.transposed, chain = found
+                    self.interior |= chain
+                    return product
             self.interior.add(cur)
             if is_order_preserving(cur) or is_cast(cur):
                 cur = cur.args[0]
@@ -169,6 +238,9 @@ class _ScoreChain:
     def _pick(self, node: Node, candidates: list[Any]) -> tuple[Node, list[Any]]:
         score = [c for c in candidates if _reaches_product(c, self.rows, self.cols)]
         if not score:
+            if any(_moves_product_axes(c) for c in candidates):
+                raise NoMatch(f"{node.name}: the scores are a Q·Kᵀ product whose batch or head axes are reordered "
+                              "after it (an einsum result written in another layout and permuted back)")
             raise NoMatch(f"no Q·Kᵀ product found behind {node.name}")
         chosen = score[0]
         if not same_shape(shape(chosen), shape(node)):
@@ -338,6 +410,10 @@ def _untranspose(kt: Any) -> Any:
             perm = [p % rank for p in kt.args[1]]
             if perm == list(range(rank - 2)) + [rank - 1, rank - 2]:
                 return kt.args[0]
+        s = shape(kt)
+        found = None if s is None or len(s) < 2 else peel_transposed(kt, (*s[:-2], s[-1], s[-2]))
+        if found is not None:
+            return found
     return E.transpose(kt, -1, -2)
 
 
@@ -450,21 +526,29 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
         scale *= alpha
     else:
         a_node, b_node = qk.args[:2]
+    if chain.transposed:
+        # Q·Kᵀ = (K·Qᵀ)ᵀ: the product's left operand holds the keys, its right one Qᵀ.
+        a_node, b_node = b_node, a_node
     a_shape, b_shape = shape(a_node), shape(b_node)
     if a_shape is None or b_shape is None or len(a_shape) != len(b_shape):
         raise NoMatch("the Q·Kᵀ product broadcasts its operands")
     if not same_shape(a_shape[:-2], b_shape[:-2]) or not same(numel(a_shape[:-2]), numel(xb)):
         raise NoMatch("the Q·Kᵀ product does not keep the batch of the scores")
-    head_dim = a_shape[-1]
+    head_dim = a_shape[-2] if chain.transposed else a_shape[-1]
 
     # Canonical q, k, v of shape (*Xb, S, D).
-    q = _as_batched(a_node, (*xb, rows, head_dim), "query")
-    kt = _as_batched(b_node, (*xb, head_dim, cols), "key")
-    k = _untranspose(kt)
+    if chain.transposed:
+        q = _untranspose(_as_batched(a_node, (*xb, head_dim, rows), "query"))
+        k = _as_batched(b_node, (*xb, cols, head_dim), "key")
+    else:
+        q = _as_batched(a_node, (*xb, rows, head_dim), "query")
+        k = _untranspose(_as_batched(b_node, (*xb, head_dim, cols), "key"))
     if isinstance(k, Node):
         k = peel_to_shape(k, (*xb, cols, head_dim)) or k
     if p_right:
-        v = _untranspose(_as_batched(vm, (*xb, v_dim, cols), "value"))
+        v = peel_transposed(vm, (*xb, cols, v_dim))
+        if v is None:
+            v = _untranspose(_as_batched(vm, (*xb, v_dim, cols), "value"))
     else:
         v = _as_batched(vm, (*xb, cols, v_dim), "value")
     if isinstance(v, Node):

@@ -65,6 +65,42 @@ def step(node: Node, groups: Groups, sizes: tuple) -> Groups:
     raise Lost("")
 
 
+#: Ops that move axes; with views they make the chains :func:`keeps_order` checks.
+AXIS_MOVES = {aten.permute.default, aten.transpose.int, aten.t.default}
+
+
+def _composed(chain: list[Node]) -> tuple[Groups, Groups] | None:
+    """The groups of ``chain[0]`` and those of its source ``chain[-1]``; None if the trail is lost."""
+    sizes = shape(chain[-1])
+    if sizes is None:
+        return None
+    groups = source = source_groups(sizes)
+    try:
+        for n in reversed(chain[:-1]):
+            groups = step(n, groups, sizes)
+    except Lost:
+        return None
+    return groups, source
+
+
+def keeps_order(chain: list[Node]) -> bool:
+    """Whether ``chain`` (``[result, ..., source]``, each node's first argument the next) holds the source's
+    elements in row-major order: the permutes in it cancel out."""
+    got = _composed(chain)
+    return got is not None and labels(got[0]) == labels(got[1])
+
+
+def transposes(chain: list[Node]) -> bool:
+    """Whether ``chain`` (as for :func:`keeps_order`) is its source with the last two axes swapped, the
+    axes before them kept in order."""
+    got = _composed(chain)
+    if got is None or len(got[0]) < 2 or len(got[1]) < 2:
+        return False
+    groups, source = got
+    return (bool(source[-1]) and bool(source[-2]) and (groups[-2], groups[-1]) == (source[-1], source[-2])
+            and labels(groups[:-2]) == labels(source[:-2]))
+
+
 def regroup(groups: Groups, sizes: tuple, out: tuple | None) -> Groups:
     """The groups after a reshape to ``out``: each axis takes the next run of source axes whose sizes
     multiply to its own (reshapes keep the row-major order of elements)."""

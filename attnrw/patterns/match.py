@@ -15,6 +15,7 @@ import torch
 from torch.fx import Node
 
 from attnrw.patterns import expr as E
+from attnrw.patterns import layout
 from attnrw.patterns import tokens
 from attnrw.patterns.graph import (
     aten,
@@ -62,15 +63,40 @@ class Match:
         return self.site.softcap
 
 
-def peel_to_shape(node: Any, target: tuple) -> Any:
-    """The furthest tensor back through order-preserving ops whose shape is ``target``.
+def _layout_chain(node: Any) -> list[Any]:
+    """``[node, parent, ...]`` back through order-preserving ops and axis moves."""
+    chain = walk_order_preserving(node)
+    while isinstance(chain[-1], Node) and chain[-1].target in layout.AXIS_MOVES:
+        chain.extend(walk_order_preserving(chain[-1].args[0]))
+    return chain
 
-    Since those ops keep the row-major order of elements, that tensor reshaped
-    to ``node``'s shape is ``node``; ``None`` if no tensor on the chain has it.
+
+def peel_to_shape(node: Any, target: tuple) -> Any:
+    """The furthest tensor back through layout ops, holding ``node``'s elements in order, of shape ``target``.
+
+    Order-preserving ops keep the row-major order of elements; so does a run
+    of permutes and views that composes to no reordering (einsum moves an
+    operand's axes and its ``bmm`` result moves them back), checked with
+    :mod:`attnrw.patterns.layout`. That tensor reshaped to ``node``'s shape is
+    ``node``; ``None`` if no tensor on the chain has the shape.
     """
+    chain = _layout_chain(node)
     best = None
-    for n in walk_order_preserving(node):
-        if same_shape(shape(n), target):
+    for i, n in enumerate(chain):
+        if same_shape(shape(n), target) and (
+            all(is_order_preserving(m) for m in chain[:i]) or layout.keeps_order(chain[: i + 1])
+        ):
+            best = n
+    return best
+
+
+def peel_transposed(node: Any, target: tuple) -> Any:
+    """The furthest tensor back through layout ops of shape ``target`` whose last two axes ``node`` swaps
+    (:func:`attnrw.patterns.layout.transposes`); ``None`` if there is none."""
+    chain = _layout_chain(node)
+    best = None
+    for i, n in enumerate(chain):
+        if i and same_shape(shape(n), target) and layout.transposes(chain[: i + 1]):
             best = n
     return best
 
@@ -111,8 +137,8 @@ def peel_repeat_kv(k_node: Any, heads: Any) -> tuple[Any, int | None]:
     if kshape is None or len(kshape) != 4:
         return k_node, None
     for n in walk_order_preserving(k_node)[1:]:
-        if not (isinstance(n, Node) and n.target is aten.expand.default):
-            continue
+        if not (isinstance(n, Node) and n.target is aten.expand.default) or is_order_preserving(n):
+            continue  # not an expand, or one that changes nothing (einsum writes those)
         src = n.args[0]
         s_shape, e_shape = shape(src), shape(n)
         if s_shape is None or e_shape is None or len(e_shape) != 5 or len(s_shape) != 5:

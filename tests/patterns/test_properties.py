@@ -28,14 +28,16 @@ import attnrw
 #: bf16 keeps 8 bits of mantissa and the fused kernel rounds in another order.
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 3e-2}
 
-LAYOUTS = ("heads", "folded", "einsum_bshd")
+#: ``einsum_perm``: Q·Kᵀ (and, as a PV choice, P·V) by ``einsum`` on operands permuted by drawn
+#: permutations, the result in a drawn layout permuted back (HF Funnel / XLNet write such products).
+LAYOUTS = ("heads", "folded", "einsum_bshd", "einsum_perm")
 KEY_FORMS = ("transpose", "permute", "pretransposed")
 SCALES = ("mul_after", "div_after", "q_before", "sqrt_both", "none", "head_tensor", "head_tensor_div")
 #: Scale forms whose value is a tensor (one per head): the site reports only the constant part.
 TENSOR_SCALES = ("head_tensor", "head_tensor_div")
 MASKS = ("none", "additive", "bool_fill", "tril_buffer", "causal_where", "bias")
 GQA = ("none", "repeat_kv", "repeat_interleave")
-PV = ("left", "right")
+PV = ("left", "right", "einsum_perm")
 #: Gemma 2's attention-logit softcap ``tanh(s / cap) * cap``, before the mask; 0: none.
 SOFTCAPS = (0.0, 0.0, 2.0)
 
@@ -82,6 +84,8 @@ class HandWritten(nn.Module):
             scores = torch.bmm(q.reshape(b * h, s, d), self._kt(k).reshape(b * h, d, s)).view(b, h, s, s)
         elif c["layout"] == "einsum_bshd":
             scores = torch.einsum("bqhd,bkhd->bhqk", q.transpose(1, 2), k.transpose(1, 2))
+        elif c["layout"] == "einsum_perm":
+            scores = _permuted_einsum(q, "bhqd", k, "bhkd", "bhqk", c["perms"][:3])
         else:
             scores = q @ self._kt(k)
         if c["scale"] == "mul_after":
@@ -101,6 +105,8 @@ class HandWritten(nn.Module):
             probs = scores.softmax(dim=-1)
         if c["pv"] == "right":
             out = (v.transpose(-2, -1) @ probs.transpose(-2, -1)).transpose(-2, -1)
+        elif c["pv"] == "einsum_perm":
+            out = _permuted_einsum(probs, "bhqk", v, "bhkd", "bhqd", c["perms"][3:])
         else:
             out = probs @ v
         return self.o(out.transpose(1, 2).reshape(b, s, h * d))
@@ -131,6 +137,16 @@ class HandWritten(nn.Module):
         return scores
 
 
+def _permuted_einsum(a: torch.Tensor, la: str, b: torch.Tensor, lb: str, lout: str,
+                     perms: list[tuple[int, ...]]) -> torch.Tensor:
+    """``einsum(la, lb -> lout)`` written on ``a`` and ``b`` permuted by ``perms[0]`` and ``perms[1]``, into the
+    layout ``perms[2]`` of ``lout``, then permuted back to ``lout``: the same value as the plain product."""
+    pa, pb, po = perms
+    spec = f"{''.join(la[i] for i in pa)},{''.join(lb[i] for i in pb)}->{''.join(lout[i] for i in po)}"
+    out = torch.einsum(spec, a.permute(pa), b.permute(pb))
+    return out.permute([po.index(i) for i in range(4)])
+
+
 @st.composite
 def configs(draw: st.DrawFn) -> dict:
     heads = draw(st.sampled_from((2, 4)))
@@ -154,6 +170,10 @@ def configs(draw: st.DrawFn) -> dict:
         "mask": draw(st.sampled_from(MASKS)),
         "upcast": draw(st.booleans()),
         "pv": draw(st.sampled_from(PV)),
+        # q, k, scores, then P, v, output: the axis orders of einsum_perm's operands and results. The results
+        # keep batch before heads: a product whose batch is reordered after it is a near-miss (see below).
+        "perms": [tuple(draw(st.permutations(range(4)).filter(lambda p: i not in (2, 5) or p.index(0) < p.index(1))))
+                  for i in range(6)],
         "dtype": draw(st.sampled_from((torch.float32, torch.float32, torch.float64, torch.bfloat16))),
     }
 
@@ -296,3 +316,29 @@ def test_near_miss_reasons(kind: str) -> None:
     model = NearMiss(kind, 2, 4).eval()
     report = attnrw.inspect(model, (torch.randn(1, 5, 16),))
     assert [s.reason for s in report.skipped] and REASONS[kind] in report.skipped[0].reason, str(report)
+
+
+class BatchReorderedScores(nn.Module):
+    """Q·Kᵀ by einsum into (heads, batch, q, k), permuted back to (batch, heads, q, k): the same scores, but
+    the matcher does not yet carry a batch reordering after the product; it must say so, and leave it."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(16, 3 * 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, e = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, e // self.heads).permute(2, 0, 3, 1, 4)
+        scores = torch.einsum("bhqd,bhkd->hbqk", q, k).permute(1, 0, 2, 3) / 2.0
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, e)
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+def test_batch_reordered_scores_are_skipped_with_the_reason(heads: int) -> None:
+    model = BatchReorderedScores(heads).eval()
+    x = torch.randn(2, 5, 16)
+    report = attnrw.inspect(model, (x,))
+    assert report.sites == [] and "reordered after it" in report.skipped[0].reason, str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(attnrw.rewrite(model, (x,)).module()(x), model(x))
