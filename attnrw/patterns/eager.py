@@ -6,7 +6,9 @@ whatever spelling produced it:
 * the product: ``bmm`` (heads folded into the batch), ``matmul`` /
   ``einsum`` (both decompose to ``bmm`` with views), ``mm``, ``baddbmm``
   (``nn.MultiheadAttention`` with ``need_weights``), K transposed by
-  ``transpose``/``permute`` or stored pre-transposed;
+  ``transpose``/``permute`` or stored pre-transposed; einsum operands and
+  results in any axis order, including scores computed as K·Qᵀ and
+  transposed back (the layout chain is composed, not read node by node);
 * the scale: ``mul``/``div`` by a constant before or after the product, on
   either operand, or none (T5);
 * masks and biases between the product and the softmax: ``add``/``sub`` of
@@ -31,6 +33,8 @@ query axis (Pᵀ·V); the scale is a tensor that varies over queries or keys
 (one per head or batch, as in Swin-v2's cosine attention, is folded into
 the queries); a term
 depends on the scores; the scores are reshaped across the query/key axes;
+the product's batch or head axes are reordered after it (not yet carried:
+skipped with that reason);
 a fill value is not a large negative constant.
 """
 
