@@ -8,7 +8,8 @@ whatever spelling produced it:
   (``nn.MultiheadAttention`` with ``need_weights``), K transposed by
   ``transpose``/``permute`` or stored pre-transposed; einsum operands and
   results in any axis order, including scores computed as K·Qᵀ and
-  transposed back (the layout chain is composed, not read node by node);
+  transposed back and products whose batch (heads, batch) order differs
+  from the scores' (the layout chain is composed, not read node by node);
 * the scale: ``mul``/``div`` by a constant before or after the product, on
   either operand, or none (T5);
 * masks and biases between the product and the softmax: ``add``/``sub`` of
@@ -33,14 +34,15 @@ query axis (Pᵀ·V); the scale is a tensor that varies over queries or keys
 (one per head or batch, as in Swin-v2's cosine attention, is folded into
 the queries); a term
 depends on the scores; the scores are reshaped across the query/key axes;
-the product's batch or head axes are reordered after it (not yet carried:
-skipped with that reason);
+the product's batch or head axes are reordered after it with dynamic
+sizes or around a product other than ``bmm``;
 a fill value is not a large negative constant.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -111,18 +113,32 @@ def _runtime_scalar(x: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() == 0 and v.is_floating_point()
 
 
-def _product_behind_layout(node: Node, rows: Any, cols: Any, depth: int = 12) -> tuple[Node, bool, set[Node]] | None:
-    """The product whose axes ``node`` (a permute/transpose) shows as scores: ``(product, transposed, chain)``.
+@dataclass(frozen=True)
+class _Behind:
+    """What :func:`_product_behind_layout` found: the product, whether the scores are its transpose, the
+    layout nodes between, and (if the chain reorders them) how the product's batch axes map to the scores'."""
+
+    product: Node
+    transposed: bool
+    chain: set[Node]
+    #: None: the batch axes are in order. Else ``(sizes, perm)``: the product's folded batch split into
+    #: ``sizes`` (as the first view after it splits it), and the scores' batch axes are ``sizes[perm[i]]``.
+    batch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+
+def _product_behind_layout(node: Node, rows: Any, cols: Any, depth: int = 12) -> _Behind | None:
+    """The product whose axes ``node`` (a permute/transpose) shows as scores.
 
     Walks back through layout ops only (views, permutes, transposes) to a
-    product and composes the chain forward with :mod:`attnrw.patterns.layout`.
-    The scores' batch axes must hold the product's in order; their (query,
-    key) axes its matrix axes as they are (``transposed`` False: the chain
-    only moved size-1 or batch axes and put them back) or swapped
-    (``transposed`` True: the product is K·Qᵀ, the scores its transpose, as
-    ``einsum("bhqd,bhkd->bhkq")`` then ``permute(0, 1, 3, 2)`` writes them).
-    None if the chain is anything else, or the query or key axis has size 1
-    (then the two cannot be told apart by their axes).
+    product and composes the chain forward with :mod:`attnrw.patterns.layout`,
+    from the first view after the product (which splits its folded batch the
+    way the product's operands were folded). The scores' (query, key) axes
+    must hold the product's matrix axes as they are or swapped
+    (``transposed``: the product is K·Qᵀ, the scores its transpose, as
+    ``einsum("bhqd,bhkd->bhkq")`` then ``permute(0, 1, 3, 2)`` writes them);
+    their batch axes the product's batch axes in order, or reordered
+    (``batch``; static sizes only). None if the chain is anything else, or
+    the query or key axis has size 1 (then the two cannot be told apart).
     """
     chain: list[Node] = []
     cur: Any = node
@@ -136,24 +152,48 @@ def _product_behind_layout(node: Node, rows: Any, cols: Any, depth: int = 12) ->
     ps, out = shape(cur), shape(node)
     if ps is None or out is None or len(ps) < 2 or len(out) < 2 or not same(numel(ps[:-2]), numel(out[:-2])):
         return None
-    # The product's batch (heads folded into it by einsum's bmm) seen as the scores' batch axes: the
-    # same elements in the same order, so the chain composes from there without splitting an axis.
-    ps = (*out[:-2], *ps[-2:])
-    groups = layout.source_groups(ps)
+    # The source the chain is composed from: the first view after the product when it only splits the
+    # product's batch (and adds size-1 axes), else the product seen with the scores' batch axes.
+    first = chain[-1] if chain else None
+    vs = shape(first) if first is not None and first.target not in layout.AXIS_MOVES else None
+    nz = [i for i, d in enumerate(vs or ()) if not same(d, 1)]
+    if vs is not None and len(nz) >= 2 and same(vs[nz[-2]], ps[-2]) and same(vs[nz[-1]], ps[-1]):
+        src, steps, row_ax, col_ax, batch_ax = vs, chain[:-1], nz[-2], nz[-1], nz[:-2]
+    else:
+        src, steps = (*out[:-2], *ps[-2:]), chain
+        row_ax, col_ax = len(src) - 2, len(src) - 1
+        batch_ax = [i for i, d in enumerate(src[:-2]) if not same(d, 1)]
+    groups = layout.source_groups(src)
     try:
-        for n in reversed(chain):
-            groups = layout.step(n, groups, ps)
+        for n in reversed(steps):
+            groups = layout.step(n, groups, src)
     except layout.Lost:
         return None
-    r = len(ps)
-    if len(groups) < 2 or layout.labels(groups[:-2]) != layout.labels(layout.source_groups(ps[:-2])):
+    if len(groups) < 2 or any(len(g) > 1 for g in groups[:-2]):
         return None
     matrix = (groups[-2], groups[-1])
-    if matrix == ((r - 2,), (r - 1,)):
-        return cur, False, set(chain)
-    if matrix == ((r - 1,), (r - 2,)):
-        return cur, True, set(chain)
-    return None
+    if matrix not in (((row_ax,), (col_ax,)), ((col_ax,), (row_ax,))):
+        return None
+    transposed = matrix == ((col_ax,), (row_ax,))
+    held = layout.labels(groups[:-2])
+    if sorted(held) != batch_ax:
+        return None
+    if list(held) == batch_ax:
+        return _Behind(cur, transposed, set(chain))
+    sizes = tuple(src[i] for i in batch_ax)
+    if not all(isinstance(d, int) for d in sizes):
+        return None
+    return _Behind(cur, transposed, set(chain), (sizes, tuple(batch_ax.index(a) for a in held)))
+
+
+def _reordered(x: Any, batch: tuple[tuple[int, ...], tuple[int, ...]], xb: tuple, tail: tuple) -> E.Expr:
+    """``x``, an operand of the product with its batch folded in the product's order, as (*xb, *tail) in
+    the scores' batch order (see :class:`_Behind`)."""
+    sizes, perm = batch
+    n = len(sizes)
+    dims = [*sizes, *(d if isinstance(d, int) else E.SizeOf(x, i - len(tail)) for i, d in enumerate(tail))]
+    moved = E.permute(E.reshape(x, dims), [*perm, n, n + 1])
+    return E.reshape(moved, [*xb, *(E.SizeOf(moved, n + i) for i in range(len(tail)))])
 
 
 def _moves_product_axes(node: Any, depth: int = 12) -> bool:
@@ -214,6 +254,8 @@ class _ScoreChain:
         self.softcap: float | None = None
         # The product found is K·Qᵀ and the scores its transpose (see _product_behind_layout).
         self.transposed = False
+        # The product's batch axes reordered into the scores' (see _Behind.batch); None: in order.
+        self.batch: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def walk(self, x: Node) -> Node:
         cur: Any = x
@@ -228,9 +270,9 @@ class _ScoreChain:
             if cur.target in layout.AXIS_MOVES:
                 found = _product_behind_layout(cur, self.rows, self.cols)
                 if found is not None:
-                    product, self.transposed, chain = found
-                    self.interior |= chain
-                    return product
+                    self.transposed, self.batch = found.transposed, found.batch
+                    self.interior |= found.chain
+                    return found.product
             self.interior.add(cur)
             if is_order_preserving(cur) or is_cast(cur):
                 cur = cur.args[0]
@@ -243,8 +285,8 @@ class _ScoreChain:
         score = [c for c in candidates if _reaches_product(c, self.rows, self.cols)]
         if not score:
             if any(_moves_product_axes(c) for c in candidates):
-                raise NoMatch(f"{node.name}: the scores are a Q·Kᵀ product whose batch or head axes are reordered "
-                              "after it (an einsum result written in another layout and permuted back)")
+                raise NoMatch(f"{node.name}: the scores are a Q·Kᵀ product moved by permutes and views that do "
+                              "not compose to its layout (or reorder its batch axes with dynamic sizes)")
             raise NoMatch(f"no Q·Kᵀ product found behind {node.name}")
         chosen = score[0]
         if not same_shape(shape(chosen), shape(node)):
@@ -421,7 +463,7 @@ def _untranspose(kt: Any) -> Any:
     return E.transpose(kt, -1, -2)
 
 
-def _product_with_values(sm: Node, xs: tuple) -> tuple[Node, bool, set[Node]]:
+def _product_with_values(sm: Node, xs: tuple) -> tuple[Node, bool, set[Node], tuple[int, ...] | None]:
     """Follow the probabilities to their product with values: ``(product, P is the right operand, chain)``.
 
     The chain may permute, transpose and reshape the probabilities in any
@@ -429,7 +471,10 @@ def _product_with_values(sm: Node, xs: tuple) -> tuple[Node, bool, set[Node]]:
     their axes end up at the product. P·V needs P as the left operand with
     queries × keys as its matrix axes; V·Pᵀ (channels-first values, timm's
     EfficientViT) needs P as the right operand transposed, keys × queries.
-    Either way the batch axes must hold the scores' batch axes in order.
+    Either way the batch axes must hold the scores' batch axes, in order
+    or, with static sizes, reordered: the last item is then the scores' batch
+    axes (those of size > 1) in the order the product holds them (einsum
+    writing ``bhqk,bhkd->hbqd``), else None.
     """
     sizes = tuple(xs)
     groups = layout.source_groups(xs)
@@ -472,9 +517,12 @@ def _product_with_values(sm: Node, xs: tuple) -> tuple[Node, bool, set[Node]]:
             raise NoMatch("the probabilities are mixed across heads or batch entries before the product with "
                           "values (talking heads): each output would depend on other heads' attention")
         raise NoMatch("the probabilities are reshaped across the query and key axes")
-    if layout.labels(groups[:-2]) != batch:
+    held = layout.labels(groups[:-2])
+    if held == batch:
+        return u, p_right, chain, None
+    if sorted(held) != sorted(batch) or not all(isinstance(xs[a], int) for a in held):
         raise NoMatch("the probabilities' batch axes are reordered before the product with values")
-    return u, p_right, chain
+    return u, p_right, chain, held
 
 
 def match_softmax(sm: Node, ctx: MatchContext) -> Match:
@@ -491,7 +539,7 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     interior: set[Node] = {sm}
 
     # Probabilities -> the product with V: P·V, or Vᵀ·Pᵀ = (P·V)ᵀ.
-    pv, p_right, chain_nodes = _product_with_values(sm, xs)
+    pv, p_right, chain_nodes, pv_order = _product_with_values(sm, xs)
     interior |= chain_nodes
     vm = pv.args[0] if p_right else pv.args[1]
     pm_shape, vm_shape = shape(pv.args[1] if p_right else pv.args[0]), shape(vm)
@@ -541,7 +589,15 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     head_dim = a_shape[-2] if chain.transposed else a_shape[-1]
 
     # Canonical q, k, v of shape (*Xb, S, D).
-    if chain.transposed:
+    if chain.batch is not None and qk.target is not aten.bmm.default:
+        raise NoMatch("the scores' batch axes are reordered after a product that is not a bmm")
+    if chain.batch is not None and chain.transposed:
+        q = _untranspose(_reordered(a_node, chain.batch, xb, (head_dim, rows)))
+        k = _reordered(b_node, chain.batch, xb, (cols, head_dim))
+    elif chain.batch is not None:
+        q = _reordered(a_node, chain.batch, xb, (rows, head_dim))
+        k = _untranspose(_reordered(b_node, chain.batch, xb, (head_dim, cols)))
+    elif chain.transposed:
         q = _untranspose(_as_batched(a_node, (*xb, head_dim, rows), "query"))
         k = _as_batched(b_node, (*xb, cols, head_dim), "key")
     else:
@@ -549,7 +605,13 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
         k = _untranspose(_as_batched(b_node, (*xb, head_dim, cols), "key"))
     if isinstance(k, Node):
         k = peel_to_shape(k, (*xb, cols, head_dim)) or k
-    if p_right:
+    if pv_order is not None:
+        # The product with values holds the batch axes in pv_order: v comes in that order.
+        in_order = tuple(sorted(pv_order))
+        to_scores = ((tuple(xs[a] for a in pv_order), tuple(pv_order.index(a) for a in in_order)))
+        v = (_untranspose(_reordered(vm, to_scores, xb, (v_dim, cols))) if p_right
+             else _reordered(vm, to_scores, xb, (cols, v_dim)))
+    elif p_right:
         v = peel_transposed(vm, (*xb, cols, v_dim))
         if v is None:
             v = _untranspose(_as_batched(vm, (*xb, v_dim, cols), "value"))
@@ -595,7 +657,11 @@ def match_softmax(sm: Node, ctx: MatchContext) -> Match:
     out = from_canonical_bh(E.RESULT, xb, q)
     if p_right:
         out = E.transpose(out, -1, -2)
-    if not same_shape(pm_shape[:-2], xb):
+    if pv_order is not None:
+        # Back to the batch order of the product with values.
+        to_product = (tuple(xs[a] for a in in_order), tuple(in_order.index(a) for a in pv_order))
+        out = _reordered(out, to_product, tuple(vm_shape[:-2]), tuple(shape(pv)[-2:]))
+    elif not same_shape(pm_shape[:-2], xb):
         # Back to the batch axes of the product with values, read off the
         # values operand (which has them) where they are dynamic.
         nb = [d if isinstance(d, int) else E.SizeOf(vm, i) for i, d in enumerate(vm_shape[:-2])]

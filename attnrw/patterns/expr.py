@@ -69,6 +69,10 @@ def transpose(x: Term, a: int, b: int) -> Expr:
     return Expr(aten.transpose.int, (x, a, b))
 
 
+def permute(x: Term, dims: list) -> Expr:
+    return Expr(aten.permute.default, (x, list(dims)))
+
+
 def expand(x: Term, dims: list) -> Expr:
     return Expr(aten.expand.default, (x, list(dims)))
 
