@@ -153,14 +153,15 @@ def _product_behind_layout(node: Node, rows: Any, cols: Any, depth: int = 12) ->
     if ps is None or out is None or len(ps) < 2 or len(out) < 2 or not same(numel(ps[:-2]), numel(out[:-2])):
         return None
     # The source the chain is composed from: the first view after the product when it only splits the
-    # product's batch (and adds size-1 axes), else the product seen with the scores' batch axes.
+    # product's batch (and adds size-1 axes): that split is how the flat batch index reads; else the
+    # product itself.
     first = chain[-1] if chain else None
     vs = shape(first) if first is not None and first.target not in layout.AXIS_MOVES else None
     nz = [i for i, d in enumerate(vs or ()) if not same(d, 1)]
     if vs is not None and len(nz) >= 2 and same(vs[nz[-2]], ps[-2]) and same(vs[nz[-1]], ps[-1]):
         src, steps, row_ax, col_ax, batch_ax = vs, chain[:-1], nz[-2], nz[-1], nz[:-2]
     else:
-        src, steps = (*out[:-2], *ps[-2:]), chain
+        src, steps = tuple(ps), chain
         row_ax, col_ax = len(src) - 2, len(src) - 1
         batch_ax = [i for i, d in enumerate(src[:-2]) if not same(d, 1)]
     groups = layout.source_groups(src)

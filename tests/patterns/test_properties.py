@@ -370,3 +370,32 @@ def test_batch_reordered_scores_with_dynamic_batch_are_skipped_with_the_reason()
             str(reports[0])
         y = torch.randn(3, 5, 16)
         torch.testing.assert_close(ep.module()(y), model(y))
+
+
+class HeadsFirstMatmul(nn.Module):
+    """Q·Kᵀ by ``matmul`` on (heads, batch, ...) operands, the scores permuted back to (batch, heads, ...)."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(16, 3 * 16)
+        with torch.no_grad():
+            self.qkv.weight.mul_(4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, e = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, e // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q.permute(1, 0, 2, 3) @ k.permute(1, 0, 3, 2)).permute(1, 0, 2, 3) / 2.0
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, e)
+
+
+@pytest.mark.parametrize("heads,batch", [(2, 2), (4, 2), (2, 3)])
+def test_heads_first_matmul_found_and_exact(heads: int, batch: int) -> None:
+    torch.manual_seed(0)
+    model = HeadsFirstMatmul(heads).eval()
+    x = torch.randn(batch, 5, 16)
+    reports: list[attnrw.Report] = []
+    with torch.no_grad():
+        ep = attnrw.rewrite(model, (x,), report=reports)
+        assert len(reports[0].sites) == 1 and _attnrw_ops(ep) == 1, str(reports[0])
+        torch.testing.assert_close(ep.module()(x), model(x), atol=1e-5, rtol=0)
