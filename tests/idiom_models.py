@@ -22,19 +22,15 @@ and whether onnxruntime can run a plain export of it at all.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-Factory = Callable[[], tuple[nn.Module, tuple, dict]]
-
-SEED = 0
-BATCH = 2
-SEQ = 12
-VOCAB = 100
+from tests.zoo import BATCH, SEED, SEQ, VOCAB, Factory
+from tests.zoo import _hf as zoo_hf
 #: Gain on the q/k projection weights: scores grow by QK_GAIN**2 (see the module docstring).
 QK_GAIN = 4.0
 
@@ -59,10 +55,7 @@ class Spec:
 
 
 def _hf(cls_name: str, config: Any) -> nn.Module:
-    import transformers
-
-    torch.manual_seed(SEED)
-    return getattr(transformers, cls_name)._from_config(config, attn_implementation="eager").eval()
+    return zoo_hf(cls_name, config, "eager").eval()
 
 
 def _gain(model: nn.Module, suffixes: Iterable[str], gain: float = QK_GAIN) -> nn.Module:
@@ -79,15 +72,13 @@ def _gain(model: nn.Module, suffixes: Iterable[str], gain: float = QK_GAIN) -> n
     return model
 
 
-def text_inputs(seq: int = SEQ, batch: int = BATCH, pad: int = 0) -> dict[str, torch.Tensor]:
-    """``input_ids`` (and an ``attention_mask`` whose last row ends in ``pad`` padding tokens, if ``pad``)."""
+def text_inputs(pad: int, seq: int = SEQ, batch: int = BATCH) -> dict[str, torch.Tensor]:
+    """``input_ids`` drawn afresh per length and an ``attention_mask`` whose last row ends in ``pad``
+    padding tokens."""
     g = torch.Generator().manual_seed(SEED + seq)
-    out = {"input_ids": torch.randint(1, VOCAB, (batch, seq), generator=g)}
-    if pad:
-        mask = torch.ones(batch, seq, dtype=torch.long)
-        mask[-1, seq - pad :] = 0
-        out["attention_mask"] = mask
-    return out
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, seq - pad :] = 0
+    return {"input_ids": torch.randint(1, VOCAB, (batch, seq), generator=g), "attention_mask": mask}
 
 
 def funnel() -> tuple[nn.Module, tuple, dict]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnrw
-from tests.patterns.test_idioms import ATOL, WINDOW, Idiom, _band, _gain, _ops
+from tests.patterns.test_idioms import ATOL, WINDOW, Idiom, _band, _gain, _model, _ops, check_peaked
 
 SPARSE = attnrw.Sparse(window=WINDOW, sinks=0)
 
@@ -170,19 +170,9 @@ ALIGNED = [SqueezeBertConv1dAttention, SqueezeExciteGatedKeys, LatentDiffusionAt
 NEAR_MISSES = [Conv1dKernel3Attention, Conv1dDilatedKernel3Attention]
 
 
-def _model(cls: type) -> Idiom:
-    torch.manual_seed(0)
-    return cls().eval()
-
-
 @pytest.mark.parametrize("cls", ALIGNED + NEAR_MISSES, ids=lambda c: c.__name__)
 def test_attention_is_peaked(cls: type) -> None:
-    model = _model(cls)
-    x = model.example(model.lengths[0])
-    with torch.no_grad():
-        top = model.probs(x).max(-1).values.mean().item()
-        torch.testing.assert_close(model(x), model.reference(x), atol=ATOL, rtol=0)
-    assert top > 0.4, f"attention too close to uniform (mean top probability {top:.2f})"
+    check_peaked(cls)
 
 
 @pytest.mark.parametrize("cls", ALIGNED + NEAR_MISSES, ids=lambda c: c.__name__)
